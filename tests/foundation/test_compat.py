@@ -1,0 +1,68 @@
+"""The CPU backend: active without CUDA, inert with it, every patch named and documented."""
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+# Every attribute any CPU patch may replace, read as an object identity.
+_TARGETS = textwrap.dedent("""
+    import torch
+    import megatron.core.tensor_parallel.random as r, megatron.core.transformer.utils as tu
+    import megatron.core.fusions.fused_softmax as fs, megatron.core.pipeline_parallel.schedules as sch
+    import megatron.core.optimizer.clip_grads as cg, megatron.core.optimizer.optimizer as opt
+    import megatron.core.models.vision.clip_vit_model as cvm, megatron.core.optimizer as mopt
+    import nemo.lightning.megatron_init as mi, nemo.lightning.io.pl as nlpl
+    def targets():
+        return [r.CudaRNGStatesTracker.add, r.CudaRNGStatesTracker.fork, torch.cuda.current_device,
+                torch.Tensor.cuda, tu.get_default_causal_mask, fs.get_default_causal_mask,
+                cvm.CLIPViTModel.__init__.__defaults__, sch.torch, torch.cuda.synchronize,
+                cg.clip_grad_by_total_norm_fp32, opt.clip_grad_by_total_norm_fp32, torch.cuda.Stream,
+                torch.cuda.stream, mi._set_random_seed, nlpl._fix_tensors_device,
+                mopt.get_megatron_optimizer, torch.overrides._get_current_function_mode_stack()]
+""")
+
+
+def _run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_inert_when_cuda_is_present():
+    # Upstream modules are imported first (they probe the device at import); then the machine is
+    # made to report CUDA, as the NGC container does, before nemo_basic decides what to patch.
+    # (torchvision's two op schemas are defined inline: importing nemo_basic here would patch early)
+    code = ("import torch\nlib = torch.library.Library('torchvision', 'DEF')\n"
+            "lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')\n"
+            "lib.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')\n"
+            + _TARGETS + textwrap.dedent("""
+            before = [repr(x) if isinstance(x, (tuple, list)) else id(x) for x in targets()]
+            torch.cuda.is_available = lambda: True
+            import nemo_basic
+            from nemo_basic import compat
+            active = [p for p in nemo_basic.ACTIVE_PATCHES + compat.apply_nemo() if p != "torchvision_shim"]
+            after = [repr(x) if isinstance(x, (tuple, list)) else id(x) for x in targets()]
+            print(active, before == after)
+            """))
+    assert _run(code) == "[] True"
+
+
+def test_active_on_this_cpu_machine():
+    assert not torch.cuda.is_available()
+    code = ("import nemo_basic\nfrom nemo_basic import compat\n" + "print(sorted(compat.apply_nemo()))")
+    active = eval(_run(code))
+    from nemo_basic.compat import megatron_cpu, nemo_cpu
+
+    expected = {p.name for p in megatron_cpu.PATCHES.patches + nemo_cpu.PATCHES.patches}
+    assert expected <= set(active)
+
+
+def test_every_patch_names_its_upstream_call():
+    from nemo_basic import compat
+    from nemo_basic.compat import megatron_cpu, nemo_cpu, versions
+
+    text = compat.describe()
+    for patch_set in (megatron_cpu.PATCHES, nemo_cpu.PATCHES, versions.PATCHES):
+        for p in patch_set.patches:
+            assert p.upstream and p.why and p.name in text
