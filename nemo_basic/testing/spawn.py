@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_module
+import time
 import socket
 import traceback
 from typing import Any, Callable
@@ -62,17 +64,23 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         p.start()
     results: dict[int, Any] = {}
     errors = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
+        while len(results) < world_size and not errors:
             try:
-                rank, status, payload = queue.get(timeout=timeout)
-            except Exception as exc:  # queue.Empty: a rank hung (e.g. a collective never matched)
-                raise TimeoutError(f"distributed run of {fn.__name__} timed out after {timeout}s") from exc
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and r not in results]
+                if dead:  # a rank died without reporting (killed, os._exit, segfault)
+                    errors += [f"--- rank {r} --- exited with code {code} without a result" for r, code in dead]
+                elif time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed run of {fn.__name__} timed out after {timeout}s")
+                continue
             if status == "ok":
                 results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
-                break  # the other ranks may be stuck in a collective with the failed one
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 60)

@@ -33,7 +33,8 @@ _CPU_FRIENDLY = dict(
 def tiny_language_config(num_layers: int = 4) -> llm.GPTConfig:
     return llm.GPTConfig(num_layers=num_layers, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
                          seq_length=SEQ, vocab_size=VOCAB, make_vocab_size_divisible_by=128,
-                         apply_rope_fusion=False, share_embeddings_and_output_weights=False,
+                         position_embedding_type="rope", apply_rope_fusion=False,
+                         share_embeddings_and_output_weights=False,
                          transformer_layer_spec=language_layer_spec(), **_CPU_FRIENDLY)
 
 
@@ -55,10 +56,11 @@ def tiny_neva_config(config_cls=None, num_layers: int = 4, **kwargs):
     config_cls = config_cls or vlm.NevaConfig
     projector = MultimodalProjectorConfig(projector_type="mlp2x_gelu", input_size=32, hidden_size=64,
                                           ffn_hidden_size=64)
+    kwargs = dict(dict(vision_feature_layer=-1, freeze_language_model=False, freeze_vision_model=False,
+                       batch_p2p_sync=False), **kwargs)
     return config_cls(language_transformer_config=tiny_language_config(num_layers),
                       vision_transformer_config=tiny_vision_config(), vision_projection_config=projector,
-                      vision_feature_layer=-1, freeze_language_model=False, freeze_vision_model=False,
-                      batch_p2p_sync=False, **kwargs)
+                      **kwargs)
 
 
 class TinyTokenizer:
