@@ -1,0 +1,201 @@
+"""Attention-based supervision degree of BASIC (METHOD.md, eq. 5).
+
+For every image position i, a_i measures how much the text tokens attend to it, summed over the
+shallow layers 1..k and averaged over heads, then normalised over the sample's image positions.
+
+The full [S × S] attention matrix is never built. Fused attention kernels already return the row
+log-sum-exp (lse) of the scaled causal scores, so a single probability is
+    A[j, i] = exp(q_j · k_i · scale − lse_j),
+and the text→image mass needs only the [text × image] block: O(n·m) per head. Without an lse we
+recompute it for the text rows, chunked over rows, in O(chunk · S) memory per head.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+DEGREE_MODES: tuple[str, ...] = ("attention", "equal")
+
+# Bytes of fp32 scores one row chunk may hold ([heads, rows, keys]); bounds the working memory.
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _rows_per_chunk(heads: int, cols: int, chunk_rows: int | None) -> int:
+    if chunk_rows is not None:
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        return chunk_rows
+    return max(1, _CHUNK_BYTES // (4 * heads * max(cols, 1)))
+
+
+def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled scores of query heads against their shared (grouped-query) key heads.
+
+    q: [H, r, D], k: [Hkv, c, D] -> [H, r, c]. Query head h reads key head h // (H / Hkv): viewing
+    q as [Hkv, H/Hkv, r, D] puts head h at (h // G, h % G), so a broadcast matmul pairs them
+    without copying k G times.
+    """
+    heads, rows, dim = q.shape
+    kv_heads = k.shape[0]
+    scores = torch.matmul(q.view(kv_heads, heads // kv_heads, rows, dim), k.unsqueeze(1).transpose(-1, -2))
+    return scores.view(heads, rows, k.shape[1]).mul_(scale)
+
+
+def _text_rows_lse(
+    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float, chunk_rows: int | None
+) -> torch.Tensor:
+    """Natural-log log-sum-exp of the causal scaled scores of the given query rows: [H, n].
+
+    The fallback when the attention kernel did not hand us its lse. Rows are processed in chunks
+    (sorted ascending, as nonzero() returns them); a chunk whose last row is j only needs keys
+    0..j, so at most [H, chunk, S] scores live at once and early chunks cost less.
+    """
+    keys = k[:, : int(rows.max()) + 1].float()
+    key_pos = torch.arange(keys.shape[1], device=k.device)
+    step = _rows_per_chunk(q.shape[0], keys.shape[1], chunk_rows)
+    out = []
+    for start in range(0, rows.numel(), step):
+        r = rows[start : start + step]
+        visible = int(r[-1]) + 1
+        scores = _grouped_scores(q.index_select(1, r).float(), keys[:, :visible], scale)
+        future = key_pos[None, :visible] > r[:, None]  # causal: row j must not see key i > j
+        out.append(torch.logsumexp(scores.masked_fill_(future, float("-inf")), dim=-1))
+    return torch.cat(out, dim=1)
+
+
+def text_to_image_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    text_mask: torch.Tensor,
+    image_mask: torch.Tensor,
+    lse: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    num_heads_total: int | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """One layer's text→image attention mass: Σ_{j∈text} mean_h A_h[j, i] for every key position i.
+
+    This is the inner double sum of eq. 5 for one layer, before the 1/(k·n) factor and the
+    normalisation (see :func:`supervision_degree`).
+
+    Args:
+        query: ``[B, H, S, D]`` queries after RoPE (H = local heads under tensor parallelism).
+        key: ``[B, Hkv, S, D]`` keys after RoPE; Hkv divides H (grouped-query attention).
+        text_mask: ``[B, S]`` bool, True on text rows (not image, not padding).
+        image_mask: ``[B, S]`` bool, True on image positions.
+        lse: optional ``[B, H, S]`` natural-log row log-sum-exp of the scaled causal scores, as
+            returned by fused attention kernels. With it only the [text × image] block is computed;
+            it must come from the same attention (same mask and scale) as the probabilities wanted.
+            Without it, the text rows' lse is recomputed under a plain causal mask.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        tp_group: tensor-parallel group when each rank holds H/TP of the heads. The local head sum
+            is divided by the total head count and all-reduced (sum), so every rank returns the
+            global head average. Every rank of the group must call this (same masks).
+        num_heads_total: total heads across the group; default ``H · group size``.
+        chunk_rows: text rows per chunk (default: sized for ~64 MB of fp32 scores).
+
+    Returns:
+        ``[B, S]`` float32, detached; zero wherever ``image_mask`` is False.
+    """
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(f"query and key must be [B, H, S, D], got {tuple(query.shape)} and {tuple(key.shape)}")
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    if key.shape[0] != batch or key.shape[2] != seq or key.shape[3] != dim:
+        raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)}")
+    if heads % kv_heads != 0:
+        raise ValueError(f"key heads ({kv_heads}) must divide query heads ({heads})")
+    for name, mask in (("text_mask", text_mask), ("image_mask", image_mask)):
+        if mask.shape != (batch, seq) or mask.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor of shape {(batch, seq)}, got {mask.dtype} {tuple(mask.shape)}")
+    if lse is not None:
+        if lse.dim() == 4 and lse.shape[-1] == 1:  # some kernels keep a trailing singleton
+            lse = lse.squeeze(-1)
+        if lse.shape != (batch, heads, seq):
+            raise ValueError(f"lse must be [B, H, S] = {(batch, heads, seq)}, got {tuple(lse.shape)}")
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    if tp_group is not None and num_heads_total is None:
+        num_heads_total = heads * dist.get_world_size(tp_group)
+    head_norm = float(num_heads_total if num_heads_total is not None else heads)
+
+    positions = torch.arange(seq, device=query.device)
+    mass = torch.zeros(batch, seq, dtype=torch.float32, device=query.device)
+    with torch.no_grad():
+        # One iteration per sample keeps ragged image/text layouts simple; each iteration is a few
+        # large matmuls over that sample's [text × image] block, so the loop costs nothing.
+        for b in range(batch):
+            img = image_mask[b].nonzero().squeeze(1)
+            if img.numel() == 0:
+                continue
+            # Text rows before the first image see no image key (causal mask): they add exactly
+            # zero, so skip them. (They still count in eq. 5's n, which cancels anyway.)
+            txt = (text_mask[b] & (positions >= img[0])).nonzero().squeeze(1)
+            if txt.numel() == 0:
+                continue
+            # Gather the image keys first: all further work is O(n·m) per head.
+            k_img = key[b].index_select(1, img).float()
+            if lse is None:
+                row_lse = _text_rows_lse(query[b], key[b], txt, scale, chunk_rows)
+            else:
+                row_lse = lse[b].index_select(1, txt).float()
+            col_mass = torch.zeros(img.numel(), dtype=torch.float32, device=query.device)
+            step = _rows_per_chunk(heads, img.numel(), chunk_rows)
+            for start in range(0, txt.numel(), step):
+                r = txt[start : start + step]
+                scores = _grouped_scores(query[b].index_select(1, r).float(), k_img, scale)
+                scores.sub_(row_lse[:, start : start + step, None])
+                # Mask future keys to -inf *before* exp (exp of a masked score could overflow).
+                future = img[None, :] > r[:, None]
+                col_mass += scores.masked_fill_(future, float("-inf")).exp_().sum(dim=(0, 1))
+            mass[b, img] = col_mass / head_norm
+        if tp_group is not None:
+            # Each rank summed its own heads; the sum over ranks is the global head average.
+            dist.all_reduce(mass, op=dist.ReduceOp.SUM, group=tp_group)
+    return mass
+
+
+def supervision_degree(
+    masses: torch.Tensor | Sequence[torch.Tensor] | None,
+    image_mask: torch.Tensor,
+    mode: str = "attention",
+) -> torch.Tensor:
+    """Supervision degree a of eq. 5 for every position: ``[B, S]`` float32, detached.
+
+    Args:
+        masses: the k per-layer outputs of :func:`text_to_image_attention` (layers 1..k), as a
+            sequence of ``[B, S]`` or stacked ``[k, B, S]``. Ignored (may be None) for ``equal``.
+        image_mask: ``[B, S]`` bool, True on image positions.
+        mode: ``attention`` (eq. 5) or ``equal`` (ablation: a_i = 1/m on the m image positions).
+
+    Returns:
+        a with Σ_i a_i = 1 over each sample's image positions and 0 elsewhere. A sample without
+        image positions, or whose image receives no text attention at all (no text after it),
+        gets all zeros: it carries no BASIC supervision.
+    """
+    if mode not in DEGREE_MODES:
+        raise ValueError(f"mode must be one of {DEGREE_MODES}, got {mode!r}")
+    if image_mask.dim() != 2 or image_mask.dtype != torch.bool:
+        raise ValueError(f"image_mask must be a bool tensor [B, S], got {image_mask.dtype} {tuple(image_mask.shape)}")
+    img = image_mask.float()
+    with torch.no_grad():
+        if mode == "equal":
+            raw = img
+        else:
+            if masses is None:
+                raise ValueError("masses is required for mode='attention'")
+            stacked = masses if isinstance(masses, torch.Tensor) else torch.stack(list(masses))
+            if stacked.dim() == 2:
+                stacked = stacked.unsqueeze(0)
+            if stacked.shape[1:] != image_mask.shape:
+                raise ValueError(f"masses must be [k, B, S] with [B, S] = {tuple(image_mask.shape)}, got {tuple(stacked.shape)}")
+            # Eq. 5's 1/(k·n) is one positive constant per sample, so it cancels in the
+            # normalisation below: the plain sum over layers is enough.
+            raw = stacked.detach().float().sum(0) * img
+        total = raw.sum(dim=1, keepdim=True)
+        # where() instead of a division guard: zero-mass samples give zeros, never 0/0 = NaN.
+        return torch.where(total > 0, raw / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(raw))

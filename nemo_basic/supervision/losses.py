@@ -1,0 +1,238 @@
+"""The two BASIC losses (METHOD.md, eq. 6 and eq. 7).
+
+Both compare the initial visual embeddings V (the projector output, the only thing they train)
+with the detached supervisory target V̂ (eq. 4), weighted per patch by the supervision degree a
+(eq. 5). Both are computed in fp32 (fp64 if given fp64) whatever the input dtype, and reduce to
+the mean over the samples that carry supervision, i.e. whose a has any nonzero weight (eq. 8).
+
+L_sds needs softmax over the whole vocabulary for every patch. Materialising [B·m, N] logits in
+autograd costs several of those tensors (~300 MB each for B·m = 2304, N = 32000); the custom
+autograd function below works on row chunks, folds the backward into the forward (the gradient
+a_i (q_i − p_i) E is cheap to finish while the chunk's probabilities are at hand), and supports a
+vocab-sharded E under tensor parallelism.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+REDUCTIONS: tuple[str, ...] = ("mean", "none")
+
+# Bytes one [chunk, N_local] fp32 logits tensor may take; a chunk holds ~4 of them at once.
+_CHUNK_BYTES = 32 * 2**20
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16/fp32 -> fp32, fp64 -> fp64 (the latter so gradcheck can run in double).
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_inputs(v: torch.Tensor, v_hat: torch.Tensor, a: torch.Tensor, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if v.dim() != 3 or v_hat.shape != v.shape:
+        raise ValueError(f"v and v_hat must both be [B, m, d], got {tuple(v.shape)} and {tuple(v_hat.shape)}")
+    if a.shape != v.shape[:2]:
+        raise ValueError(f"a must be [B, m] = {tuple(v.shape[:2])}, got {tuple(a.shape)}")
+
+
+def _reduce(per_sample: torch.Tensor, a: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Mean over samples with any supervision weight (eq. 8), or the per-sample values.
+
+    Written without a data-dependent branch: with no supervised sample it returns a 0 that is
+    still part of v's graph (backward gives zero gradients, not an error), and it never syncs.
+    """
+    if reduction == "none":
+        return per_sample
+    supervised = (a != 0).any(dim=1).to(per_sample.dtype)
+    return (per_sample * supervised).sum() / supervised.sum().clamp_min(1.0)
+
+
+def directional_alignment_loss(
+    v: torch.Tensor, v_hat: torch.Tensor, a: torch.Tensor, reduction: str = "mean", eps: float = 1e-6
+) -> torch.Tensor:
+    """L_das of eq. 6: Σ_i a_i ‖v_i/‖v_i‖ − v̂_i/‖v̂_i‖‖² per sample (= Σ_i a_i (2 − 2 cos θ_i)).
+
+    Args:
+        v: ``[B, m, d]`` initial visual embeddings (gets the gradient).
+        v_hat: ``[B, m, d]`` supervisory target, treated as a constant.
+        a: ``[B, m]`` supervision degree, treated as a constant (padding patches: 0).
+        reduction: ``mean`` (over samples whose a is not all zero; 0 if none) or ``none`` (``[B]``).
+        eps: lower bound on the norms, so a zero vector gives a finite loss and gradient.
+    """
+    _check_inputs(v, v_hat, a, reduction)
+    dtype = _compute_dtype(v.dtype)
+    unit_v = torch.nn.functional.normalize(v.to(dtype), dim=-1, eps=eps)
+    unit_t = torch.nn.functional.normalize(v_hat.detach().to(dtype), dim=-1, eps=eps)
+    weight = a.detach().to(dtype)
+    per_sample = ((unit_v - unit_t).pow(2).sum(-1) * weight).sum(-1)
+    return _reduce(per_sample, weight, reduction)
+
+
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _kl_from_logit_difference(expect_delta: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) from the logit difference δ = s_p − s_q (shifted by a per-row constant c).
+
+    Since log p − log q = δ − log Σ_v q_v e^{δ_v} and a constant shift of δ cancels,
+        KL = Σ_v p_v (δ_v − c) − log1p(Σ_v q_v (e^{δ_v − c} − 1)).
+    The textbook Σ p (log p − log q) subtracts log-probabilities of size ~log N and loses a small
+    KL (nearby distributions, i.e. V close to its target) to fp32 rounding; this form does not.
+    """
+    return (expect_delta - torch.log1p(moment)).clamp_min_(0.0)
+
+
+class _ChunkedVocabParallelKL(torch.autograd.Function):
+    """Row-wise KL(p_r ‖ q_r), p_r = softmax(t_r Eᵀ), q_r = softmax(x_r Eᵀ) (eq. 7), grad w.r.t. x.
+
+    Rows are processed in chunks so only [chunk, N_local] logits exist at a time. Under tensor
+    parallelism E is split by vocabulary rows; the softmax max, the sum-exp and the KL sum are
+    all-reduced over the group, as Megatron's vocab-parallel cross entropy does for its softmax.
+
+    The gradient of KL_r w.r.t. x_r is (q_r − p_r) E. It is computed in the forward pass, chunk by
+    chunk, while p and q are at hand, and saved as a [R, d] tensor (as large as x itself). Backward
+    then only scales it by the incoming per-row gradient: no logits are kept or recomputed, and the
+    whole thing costs the same three [R × d × N] matmuls as plain autograd. Under TP each rank's
+    (q − p) E covers its vocab shard only, so the partial gradients are all-reduced (sum) here in
+    the forward, which also keeps collectives out of the backward pass.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        embedding: torch.Tensor,
+        chunk_size: int,
+        group: dist.ProcessGroup | None,
+        with_grad: bool,
+    ) -> torch.Tensor:
+        dtype = _compute_dtype(x.dtype)
+        rows = x.shape[0]
+        # A transient full-precision copy of the (local, unpadded) table when it is bf16; a no-op
+        # when it is already in the compute dtype.
+        table = embedding.detach().to(dtype)
+        # needs_input_grad stays True under torch.no_grad(), so the caller says whether a backward
+        # can follow; without one (evaluation) the (q − p) E matmul is skipped.
+        need_grad = with_grad and ctx.needs_input_grad[0]
+        # KL_r = Σ_v p_v δ_v − log Σ_v q_v e^{δ_v} with δ = t·E − x·E (the logit difference); see
+        # _kl_from_logit_difference. The two sums are gathered per row and combined at the end.
+        expect_delta = torch.zeros(rows, dtype=dtype, device=x.device)  # Σ_v p_v (δ_v − c)
+        moments = torch.zeros(rows, dtype=dtype, device=x.device)       # Σ_v q_v (e^{δ_v − c} − 1)
+        grad_x = torch.zeros(rows, x.shape[1], dtype=dtype, device=x.device) if need_grad else None
+        for start in range(0, rows, chunk_size):
+            stop = min(start + chunk_size, rows)
+            c = stop - start
+            # One matmul for the logits of V and the logit difference δ = (V̂ − V)Eᵀ (one larger
+            # GEMM runs faster than two): z[:c] → Q, z[c:] = δ, [2c, N_local]. δ taken from
+            # V̂ − V directly keeps its full relative precision when V is close to its target.
+            xc = x[start:stop].to(dtype)
+            z = torch.cat([xc, t[start:stop].to(dtype) - xc]) @ table.T
+            logits, delta = z[:c], z[c:]
+            # Global row maxima over all vocab shards (a shard may hold no real token: -inf):
+            # of the logits (softmax shift) and of δ (bounds the shift below), in one collective.
+            if table.shape[0] > 0:
+                maxima = torch.cat([logits.amax(-1), delta.amax(-1)])
+            else:
+                maxima = torch.full((2 * c,), float("-inf"), dtype=dtype, device=x.device)
+            maxima = _all_reduce(maxima, dist.ReduceOp.MAX, group)
+            q = logits.sub_(maxima[:c, None]).exp_()
+            q.div_(_all_reduce(q.sum(-1), dist.ReduceOp.SUM, group)[:, None])
+            # KL is unchanged by a constant shift of δ; centring it on c = E_q[δ] keeps both terms
+            # of E_p[δ−c] − log E_q[e^{δ−c}] of the size of the KL itself (no cancellation), and
+            # c ≥ max δ − 60 keeps e^{δ−c} finite when the two distributions are far apart.
+            centre = _all_reduce(torch.bmm(q.unsqueeze(1), delta.unsqueeze(2)).view(-1), dist.ReduceOp.SUM, group)
+            centre = torch.maximum(centre, maxima[c:] - 60.0)
+            delta.sub_(centre[:, None])
+            tilt = torch.expm1(delta)  # e^{δ−c} − 1, exact for small δ − c
+            moment = _all_reduce(torch.bmm(q.unsqueeze(1), tilt.unsqueeze(2)).view(-1), dist.ReduceOp.SUM, group)
+            p = tilt.add_(1.0).mul_(q).div_((1.0 + moment)[:, None])  # p = q e^{δ} / Σ q e^{δ}
+            expect_delta[start:stop] = torch.bmm(p.unsqueeze(1), delta.unsqueeze(2)).view(-1)
+            moments[start:stop] = moment
+            if grad_x is not None:
+                grad_x[start:stop] = q.sub_(p) @ table  # (q − p) E
+            del z, logits, delta, q, p, tilt
+        # No rows (no supervised patch anywhere): skip the collectives; by contract every rank of
+        # the group has the same rows, so all of them skip together.
+        if rows > 0:
+            _all_reduce(expect_delta, dist.ReduceOp.SUM, group)
+        if grad_x is not None and rows > 0:
+            _all_reduce(grad_x, dist.ReduceOp.SUM, group)
+        kl = _kl_from_logit_difference(expect_delta, moments)
+        ctx.save_for_backward(grad_x)
+        ctx.x_dtype = x.dtype
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl: torch.Tensor):  # type: ignore[override]
+        (grad_x,) = ctx.saved_tensors
+        if grad_x is None:  # forward ran without grad mode: there is nothing to give back
+            return None, None, None, None, None, None
+        grad = (grad_x * grad_kl.to(grad_x.dtype)[:, None]).to(ctx.x_dtype)
+        return grad, None, None, None, None, None
+
+
+def semantic_distribution_loss(
+    v: torch.Tensor,
+    v_hat: torch.Tensor,
+    embedding: torch.Tensor,
+    a: torch.Tensor,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_size: int | None = None,
+    vocab_start_index: int = 0,
+) -> torch.Tensor:
+    """L_sds of eq. 7: Σ_i a_i KL(p_i ‖ q_i) per sample, P = softmax(V̂ Eᵀ), Q = softmax(V Eᵀ).
+
+    No temperature. Never materialises the whole [B·m, N] logits: rows are chunked, and rows with
+    a_i = 0 (padding, text-only samples) are skipped entirely.
+
+    Args:
+        v: ``[B, m, d]`` initial visual embeddings (gets the gradient, returned in v's dtype).
+        v_hat: ``[B, m, d]`` supervisory target (constant).
+        embedding: the LLM's input word embeddings, ``[N, d]`` or this rank's vocab shard
+            ``[N/TP, d]`` (constant: it receives no gradient from this loss).
+        a: ``[B, m]`` supervision degree (constant).
+        reduction: ``mean`` (over samples whose a is not all zero; 0 if none) or ``none`` (``[B]``).
+        chunk_size: rows per chunk; default sized so one chunk's logits take ~32 MB.
+        tp_group: tensor-parallel group over which ``embedding`` is vocab-sharded. v, v_hat and a
+            must be identical on every rank of the group (same rows, same chunks: the collectives
+            must match).
+        vocab_size: true vocabulary size N; global rows ≥ N are Megatron padding and excluded.
+        vocab_start_index: global index of this shard's first row.
+    """
+    _check_inputs(v, v_hat, a, reduction)
+    if embedding.dim() != 2 or embedding.shape[1] != v.shape[2]:
+        raise ValueError(f"embedding must be [N, d] with d = {v.shape[2]}, got {tuple(embedding.shape)}")
+    local_rows = embedding.shape[0]
+    if vocab_size is not None:
+        # Keep only this shard's real tokens: global rows [start, min(start + local, vocab_size)).
+        valid = min(max(vocab_size - vocab_start_index, 0), local_rows)
+        embedding = embedding[:valid]
+    dtype = _compute_dtype(v.dtype)
+    weight = a.detach().to(dtype)
+    batch, m, d = v.shape
+
+    # Only rows with nonzero weight contribute to the loss or its gradient.
+    active = (weight.reshape(-1) != 0).nonzero().squeeze(1)
+    x = v.reshape(-1, d).index_select(0, active)
+    t = v_hat.detach().reshape(-1, d).index_select(0, active)
+    if chunk_size is None:
+        # Sized from the shard's full row count, not its unpadded part: every rank of the group
+        # must cut the same chunks, or their collectives would not pair up.
+        chunk_size = max(1, _CHUNK_BYTES // (4 * max(local_rows, 1)))
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    with_grad = torch.is_grad_enabled() and v.requires_grad
+    kl = _ChunkedVocabParallelKL.apply(x, t, embedding, chunk_size, tp_group, with_grad)
+
+    row_weight = weight.reshape(-1).index_select(0, active)
+    sample_of_row = torch.div(active, m, rounding_mode="floor")
+    per_sample = torch.zeros(batch, dtype=dtype, device=v.device).index_add(0, sample_of_row, kl * row_weight)
+    return _reduce(per_sample, weight, reduction)
