@@ -87,6 +87,7 @@ class Batch:
     loss_mask: torch.Tensor     # [B, T]
     images: torch.Tensor        # [num_images, 3, IMG, IMG]
     num_image_tiles: torch.Tensor  # [num_images]
+    text_lengths: torch.Tensor | None = None  # [B] unpadded lengths (None: no padding)
 
 
 def tiny_batch(seed: int, batch_size: int = 2, text_len: int = 20, image_at: int = 3) -> Batch:

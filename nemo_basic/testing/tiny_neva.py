@@ -30,8 +30,8 @@ _CPU_FRIENDLY = dict(
 )
 
 
-def tiny_language_config(num_layers: int = 4) -> llm.GPTConfig:
-    return llm.GPTConfig(num_layers=num_layers, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
+def tiny_language_config(num_layers: int = 4, init_method_std: float = 0.02) -> llm.GPTConfig:
+    return llm.GPTConfig(num_layers=num_layers, init_method_std=init_method_std, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
                          seq_length=SEQ, vocab_size=VOCAB, make_vocab_size_divisible_by=128,
                          position_embedding_type="rope", apply_rope_fusion=False,
                          share_embeddings_and_output_weights=False,
@@ -52,13 +52,13 @@ def tiny_vision_config() -> CLIPViTConfig:
     return cfg
 
 
-def tiny_neva_config(config_cls=None, num_layers: int = 4, **kwargs):
+def tiny_neva_config(config_cls=None, num_layers: int = 4, init_method_std: float = 0.02, **kwargs):
     config_cls = config_cls or vlm.NevaConfig
     projector = MultimodalProjectorConfig(projector_type="mlp2x_gelu", input_size=32, hidden_size=64,
                                           ffn_hidden_size=64)
     kwargs = dict(dict(vision_feature_layer=-1, freeze_language_model=False, freeze_vision_model=False,
                        batch_p2p_sync=False), **kwargs)
-    return config_cls(language_transformer_config=tiny_language_config(num_layers),
+    return config_cls(language_transformer_config=tiny_language_config(num_layers, init_method_std),
                       vision_transformer_config=tiny_vision_config(), vision_projection_config=projector,
                       **kwargs)
 
@@ -106,3 +106,25 @@ class SyntheticNevaDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         # MegatronStrategy wraps this loader with a Megatron batch sampler (micro-batch sized).
         return DataLoader(SyntheticNevaData(), batch_size=self.micro_batch_size, collate_fn=_collate)
+
+
+def tiny_trainer_and_model(tp: int = 1, pp: int = 1, max_steps: int = 3, model_cls=None, config=None, lr=1e-3):
+    """A CPU `nl.Trainer` (MegatronStrategy, fp32) and a tiny NeVA LightningModule (NeVA's own
+    class unless `model_cls`/`config` say otherwise), as the NeMo front-end tests use them."""
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo import lightning as nl
+
+    model_cls = model_cls or vlm.NevaModel
+    config = config or tiny_neva_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if pp > 1:
+        config.language_transformer_config.pipeline_dtype = config.pipeline_dtype = torch.float32
+    model = model_cls(config, tokenizer=TinyTokenizer(), optim=nl.MegatronOptimizerModule(OptimizerConfig(
+        optimizer="adam", lr=lr, bf16=False, fp16=False, params_dtype=torch.float32,
+        use_distributed_optimizer=False, clip_grad=1.0)))
+    strategy = nl.MegatronStrategy(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                   pipeline_dtype=torch.float32 if pp > 1 else None, ckpt_async_save=False)
+    trainer = nl.Trainer(accelerator="cpu", devices=tp * pp, max_steps=max_steps, strategy=strategy,
+                         plugins=nl.MegatronMixedPrecision(precision="32"), log_every_n_steps=1,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                         logger=False, enable_progress_bar=False)
+    return trainer, model

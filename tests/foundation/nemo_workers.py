@@ -4,25 +4,10 @@ from __future__ import annotations
 import torch
 
 
-def build(tp: int, pp: int, max_steps: int, model_cls=None, config=None):
-    from megatron.core.optimizer import OptimizerConfig
-    from nemo import lightning as nl
-    from nemo.collections import vlm
-
+def build(tp: int, pp: int, max_steps: int):
     from nemo_basic.testing import tiny_neva
 
-    model_cls = model_cls or vlm.NevaModel
-    model = model_cls(config or tiny_neva.tiny_neva_config(), tokenizer=tiny_neva.TinyTokenizer(),
-                      optim=nl.MegatronOptimizerModule(OptimizerConfig(
-                          optimizer="adam", lr=1e-3, bf16=False, fp16=False, params_dtype=torch.float32,
-                          use_distributed_optimizer=False, clip_grad=1.0)))
-    strategy = nl.MegatronStrategy(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                   ckpt_async_save=False)
-    trainer = nl.Trainer(accelerator="cpu", devices=tp * pp, max_steps=max_steps, strategy=strategy,
-                         plugins=nl.MegatronMixedPrecision(precision="32"), log_every_n_steps=1,
-                         limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
-                         logger=False, enable_progress_bar=False)
-    return trainer, model
+    return tiny_neva.tiny_trainer_and_model(tp, pp, max_steps)
 
 
 def weights(model) -> dict:

@@ -1,0 +1,219 @@
+"""NeMo 2 NeVA with BASIC: `BasicNevaConfig` → `BasicMCoreNevaModel` → `BasicNevaModel`.
+
+The Megatron-core model is NeVA's, plus a `SupervisionCapture` wired into decoder layers 1..k
+(forward hooks for the hidden states, a log-sum-exp core attention for the attention mass) and
+into `_preprocess_data` (the projector output V at the image positions). With BASIC disabled no
+hook is installed and the model is exactly NeVA.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Callable, Optional
+from unittest import mock
+
+import torch
+
+from nemo_basic import compat
+
+compat.apply_nemo()
+
+from megatron.core import parallel_state as ps  # noqa: E402
+from nemo.collections.vlm.neva.model import base as neva_base  # noqa: E402
+from nemo.collections.vlm.neva.model.base import MCoreNevaModel, NevaConfig, NevaModel  # noqa: E402
+
+from nemo_basic.models.basic_config import BasicConfig, BasicConfigError  # noqa: E402
+from nemo_basic.models.capture import AuxLossAutoScaler, SupervisionCapture, attach_lse_attention  # noqa: E402
+
+IMAGE_TOKEN_INDEX = -200
+
+
+def _num_microbatches() -> int:
+    try:
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+        return get_num_microbatches()
+    except (AssertionError, RuntimeError, ImportError):  # calculator not initialised: one micro-batch
+        return 1
+
+
+class BasicMCoreNevaModel(MCoreNevaModel):
+    def __init__(self, config: "BasicNevaConfig", tokenizer=None, *args, **kwargs):
+        super().__init__(config, tokenizer, *args, **kwargs)
+        self.basic: BasicConfig = config.basic
+        self.capture: Optional[SupervisionCapture] = None
+        if not self.basic.active or not self.add_decoder:
+            return
+        lm_config = config.language_transformer_config
+        vocab_size = getattr(tokenizer, "vocab_size", None) or lm_config.vocab_size
+        self.capture = SupervisionCapture(self.basic, lm_config.num_layers, vocab_size)
+        if self.pre_process:
+            self.capture.embedding = self.language_model.embedding.word_embeddings.weight
+        for layer in self.language_model.decoder.layers:
+            if layer.layer_number <= self.capture.k:  # global, 1-based
+                attach_lse_attention(layer.self_attention.core_attention, self.capture, layer.layer_number)
+                layer.register_forward_hook(functools.partial(_after_layer, self.capture, layer.layer_number))
+
+    # -- image / text positions, from NeVA's own placement bookkeeping ------------------------------
+    def placement_masks(self, input_ids, num_image_tiles, attention_mask=None, packed_seq_params=None,
+                        image_token_index=IMAGE_TOKEN_INDEX, text_lengths=None):
+        """Bool [B, S] masks of the image and text positions of the combined sequence.
+
+        Runs NeVA's `_preprocess_data` on 1-wide stand-in embeddings (images 1, text 2, padding 0),
+        so expansion of each placeholder to img_seq_len × tiles, per-sample padding, pipeline and
+        sequence-parallel padding and truncation to the maximum length are exactly the model's.
+        Tokens at or beyond `text_lengths[b]` (the tokenizer's right padding) are neither."""
+        view = copy.copy(self)  # shallow: only the stage flags differ
+        view.pre_process, view.post_process = True, False
+        batch, text_len = input_ids.shape
+        tiles = int(num_image_tiles.sum()) if num_image_tiles.numel() else 0
+        images = torch.ones(self._img_seq_len, tiles, 1, device=input_ids.device)
+        text = torch.full((batch, text_len, 1), 2.0, device=input_ids.device)
+        if text_lengths is not None:
+            positions = torch.arange(text_len, device=input_ids.device)
+            text[positions[None, :] >= text_lengths.to(input_ids.device)[:, None]] = 0.0
+        with torch.no_grad():
+            placed, *_ = MCoreNevaModel._preprocess_data(
+                view, images, text, input_ids, None, None, False, image_token_index, num_image_tiles,
+                attention_mask, copy.deepcopy(packed_seq_params))
+        placed = placed[..., 0].transpose(0, 1)  # [B, S]
+        return placed == 1.0, placed == 2.0
+
+    def forward(self, input_ids, position_ids, loss_mask=None, attention_mask=None, images=None,
+                labels=None, inference_params=None, num_image_tiles=None, image_token_index=IMAGE_TOKEN_INDEX,
+                runtime_gather_output=None, image_token_mask=None, packed_seq_params=None, text_lengths=None):
+        """NeVA's forward; `text_lengths` [B] (unpadded token counts) lets BASIC exclude the
+        tokenizer's right padding from the text rows of eq. 5."""
+        if self.capture is not None and inference_params is None:
+            if num_image_tiles is None:
+                n = 0 if images is None else images.shape[0]
+                num_image_tiles = torch.ones(n, dtype=torch.int, device=input_ids.device)
+            elif isinstance(num_image_tiles, list):
+                num_image_tiles = torch.tensor(num_image_tiles, dtype=torch.int, device=input_ids.device)
+            image_mask, text_mask = self.placement_masks(input_ids, num_image_tiles, attention_mask,
+                                                         packed_seq_params, image_token_index, text_lengths)
+            self.capture.begin(image_mask, text_mask)
+            scale = 1.0 / _num_microbatches()
+            if self.config.grad_scale_func is not None:
+                scale = scale * float(self.config.grad_scale_func(torch.ones(1)))
+            AuxLossAutoScaler.set_loss_scale(scale)
+        return super().forward(input_ids, position_ids, loss_mask=loss_mask, attention_mask=attention_mask,
+                               images=images, labels=labels, inference_params=inference_params,
+                               num_image_tiles=num_image_tiles, image_token_index=image_token_index,
+                               runtime_gather_output=runtime_gather_output, image_token_mask=image_token_mask,
+                               packed_seq_params=packed_seq_params)
+
+    def _preprocess_data(self, *args, **kwargs):
+        out = super()._preprocess_data(*args, **kwargs)
+        if self.capture is not None and self.pre_process and out[0] is not None:
+            self.capture.set_projected(out[0])  # decoder input [S, B, h]; V = its image rows
+        return out
+
+
+def basic_neva_data_step(dataloader_iter) -> dict:
+    """NeVA's data step, keeping `text_lengths` (NeVA's own drops keys it does not know)."""
+    batch = next(dataloader_iter)
+    raw = batch[0] if isinstance(batch, tuple) and len(batch) == 3 else batch
+    lengths = raw.get("text_lengths") if isinstance(raw, dict) else None
+    out = neva_base.neva_data_step(iter([batch]))
+    if lengths is not None:
+        out["text_lengths"] = lengths.to(out["tokens"].device) if out.get("tokens") is not None else lengths
+    return out
+
+
+def basic_neva_forward_step(model, batch) -> torch.Tensor:
+    """NeVA's forward step plus `text_lengths` for BASIC's text rows."""
+    return model(images=batch["media"], input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                 attention_mask=batch.get("attention_mask"), loss_mask=batch.get("loss_mask"),
+                 labels=batch.get("labels"), num_image_tiles=batch.get("num_media_tiles"),
+                 image_token_mask=batch.get("image_token_mask"),
+                 packed_seq_params=batch.get("packed_seq_params"), text_lengths=batch.get("text_lengths"))
+
+
+def _after_layer(capture: SupervisionCapture, layer_number: int, module, args, output):
+    hidden, context = output
+    new_hidden = capture.after_layer(layer_number, hidden)
+    return output if new_hidden is hidden else (new_hidden, context)
+
+
+@dataclasses.dataclass
+class BasicNevaConfig(NevaConfig):
+    basic: BasicConfig = dataclasses.field(default_factory=BasicConfig)
+    forward_step_fn: Callable = basic_neva_forward_step
+    data_step_fn: Callable = basic_neva_data_step
+
+    def validate_basic(self) -> int:
+        """Check the BASIC settings against this model; returns k."""
+        lm = self.language_transformer_config
+        k = self.basic.num_supervision_layers(lm.num_layers)
+        pp = self.pipeline_model_parallel_size
+        if self.basic.active and pp > 1:
+            first_stage_layers = lm.num_layers // pp
+            if getattr(lm, "num_layers_in_first_pipeline_stage", None):
+                first_stage_layers = lm.num_layers_in_first_pipeline_stage
+            if k > first_stage_layers:
+                raise BasicConfigError(
+                    f"basic.layers = {k} spans pipeline stages (the first of {pp} stages holds "
+                    f"{first_stage_layers} layers); supervision layers must lie on the first stage "
+                    "in this version: lower basic.layers or set num_layers_in_first_pipeline_stage")
+        if self.basic.active and getattr(lm, "recompute_granularity", None):
+            raise BasicConfigError(
+                f"recompute_granularity = {lm.recompute_granularity!r} is not supported with BASIC yet "
+                "(the supervision of layers 1..k is captured in the forward pass); set it to null")
+        return k
+
+    def configure_model(self, tokenizer, vp_stage: Optional[int] = None) -> BasicMCoreNevaModel:
+        self.validate_basic()
+        # NevaConfig.configure_model adjusts the sub-configs, then calls the module-level name
+        # MCoreNevaModel(...); point that name at our subclass for the call, so the upstream
+        # construction logic is reused as is.
+        with mock.patch.object(neva_base, "MCoreNevaModel", BasicMCoreNevaModel):
+            return super().configure_model(tokenizer, vp_stage=vp_stage)
+
+
+class BasicNevaModel(NevaModel):
+    """NeVA's LightningModule; logs `basic das loss` and `basic sds loss` beside the LM loss
+    (`reduced_train_loss`, also logged as `lm loss`). The aux losses enter the gradient inside
+    the model (see nemo_basic.models.capture), so the LM loss reduction is NeVA's own."""
+
+    def forward(self, input_ids, position_ids, loss_mask=None, attention_mask=None, images=None, labels=None,
+                inference_params=None, num_image_tiles=None, image_token_index=IMAGE_TOKEN_INDEX,
+                runtime_gather_output=None, image_token_mask=None, packed_seq_params=None, text_lengths=None):
+        return self.module(images=images, input_ids=input_ids, position_ids=position_ids, loss_mask=loss_mask,
+                           attention_mask=attention_mask, labels=labels, inference_params=inference_params,
+                           num_image_tiles=num_image_tiles, image_token_index=image_token_index,
+                           runtime_gather_output=runtime_gather_output, image_token_mask=image_token_mask,
+                           packed_seq_params=packed_seq_params, text_lengths=text_lengths)
+
+    def _captures(self):
+        return [m.capture for m in self.modules() if isinstance(m, BasicMCoreNevaModel) and m.capture is not None]
+
+    def basic_losses(self) -> dict:
+        """This step's BASIC losses, averaged over micro-batches with images and over the
+        pipeline and data-parallel ranks (as the LM loss is); pops the captured values."""
+        sums = torch.zeros(4, dtype=torch.float64)  # das sum, das count, sds sum, sds count
+        for capture in self._captures():
+            logs = capture.pop_logs()
+            for i, name in enumerate(("das", "sds")):
+                if name in logs:
+                    sums[2 * i] += float(logs[name][0])
+                    sums[2 * i + 1] += logs[name][1]
+        if torch.distributed.is_initialized() and ps.model_parallel_is_initialized():
+            # Only the stage holding layer k has values; then average over data-parallel ranks.
+            torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+            torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
+        out = {}
+        for i, name in enumerate(("das", "sds")):
+            if sums[2 * i + 1] > 0:
+                out[name] = sums[2 * i] / sums[2 * i + 1]
+        return out
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        for name, value in self.basic_losses().items():
+            self.log(f"basic {name} loss", float(value), prog_bar=True, batch_size=1, rank_zero_only=True)
+        # NeMo's strategy has logged L_lm (reduced over micro-batches and data-parallel ranks) as
+        # reduced_train_loss; the aux losses are not part of it. Log it under its BASIC name too.
+        lm = self.trainer.callback_metrics.get("reduced_train_loss")
+        if lm is not None:
+            self.log("lm loss", float(lm), batch_size=1, rank_zero_only=True)

@@ -1,0 +1,219 @@
+"""Rank functions for the BASIC-in-NeVA tests (spawned processes, real gloo groups)."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from nemo_basic.testing import tiny, tiny_neva  # tiny_neva applies the NeMo CPU backend
+from nemo_basic.models.basic_config import BasicConfig
+from nemo_basic.models.neva import BasicNevaConfig, BasicNevaModel
+
+MICRO_BATCHES = 2
+
+
+def build(basic: BasicConfig | None, tp: int = 1, pp: int = 1, num_layers: int = 4, seed: int = 1234,
+          freeze_vision: bool = True, plain: bool = False, micro_batch_size: int = 2,
+          init_method_std: float = 0.02):
+    """The tiny NeVA (plain NevaConfig, or BasicNevaConfig with `basic`) for this rank's stage."""
+    from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator, init_num_microbatches_calculator)
+
+    tiny.init_parallel(tp, pp, seed)
+    destroy_num_microbatches_calculator()
+    init_num_microbatches_calculator(0, None, MICRO_BATCHES * micro_batch_size, micro_batch_size, 1)
+    kwargs = dict(freeze_vision_model=freeze_vision, tensor_model_parallel_size=tp,
+                  pipeline_model_parallel_size=pp, init_method_std=init_method_std)
+    if plain:
+        config = tiny_neva.tiny_neva_config(num_layers=num_layers, **kwargs)
+    else:
+        config = tiny_neva.tiny_neva_config(BasicNevaConfig, num_layers=num_layers, basic=basic, **kwargs)
+    config.language_transformer_config.pipeline_dtype = torch.float32
+    config.pipeline_dtype = torch.float32  # the schedule reads the model's (NeVA's) config
+    return config.configure_model(tiny_neva.TinyTokenizer())
+
+
+def mixed_batch(seed: int = 7) -> tiny.Batch:
+    """Three samples: text-only with 4 padding tokens; two images; four images (truncated: the
+    combined 4·16 + 16 = 80 positions exceed the 64 the model keeps)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, tiny.VOCAB, (3, 20), generator=g)
+    ids[0, 16:] = 0                      # right padding of the text-only sample
+    ids[1, [2, 9]] = -200
+    ids[2, [1, 5, 6, 12]] = -200
+    return tiny.Batch(input_ids=ids, labels=torch.randint(1, tiny.VOCAB, (3, 20), generator=g),
+                      loss_mask=torch.ones(3, 20), images=torch.randn(6, 3, tiny.IMG, tiny.IMG, generator=g),
+                      num_image_tiles=torch.ones(6, dtype=torch.int), text_lengths=torch.tensor([16, 20, 20]))
+
+
+def batches(kind: str) -> list:
+    if kind == "mixed":
+        return [mixed_batch(7), mixed_batch(8)]
+    return [tiny.tiny_batch(seed=i) for i in range(MICRO_BATCHES)]
+
+
+def _call(model, b: tiny.Batch):
+    extra = {"text_lengths": b.text_lengths} if hasattr(model, "capture") else {}  # plain NeVA lacks it
+    return model(input_ids=b.input_ids, position_ids=None, loss_mask=b.loss_mask, labels=b.labels,
+                 images=b.images, num_image_tiles=b.num_image_tiles, **extra)
+
+
+# -- single process ------------------------------------------------------------------------------
+
+def disabled_equals_plain(rank, world) -> dict:
+    """BASIC disabled vs plain NeVA, same weights and batch: loss and every gradient."""
+    from megatron.core import parallel_state as ps
+
+    results = []
+    state = None
+    for plain in (True, False):
+        model = build(BasicConfig(enabled=False), plain=plain, freeze_vision=False)
+        if state is None:
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state, strict=True)
+        out, mask = _call(model, tiny.tiny_batch(0))
+        loss = tiny.lm_loss(out, mask)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        ps.destroy_model_parallel()
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    return {"loss_equal": torch.equal(loss_a, loss_b), "names_equal": grads_a.keys() == grads_b.keys(),
+            "grads_equal": all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)}
+
+
+def grads_with_zero_lm_mask(rank, world) -> dict:
+    """LM loss mask all zeros: which parameters get a nonzero gradient from the aux losses."""
+    model = build(BasicConfig(layers=2), freeze_vision=True)
+    b = tiny.tiny_batch(0)
+    out, mask = _call(model, b)
+    loss = (out * torch.zeros_like(mask)).sum()  # L_lm contributes nothing
+    loss.backward()
+    nonzero = sorted(n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0)
+    return {"nonzero": nonzero, "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+            "logs": model.capture.logs}
+
+
+def _keep_qk(seen, n, module, args):
+    seen["q"][n], seen["k"][n] = args[0].detach().clone(), args[1].detach().clone()
+    # returns None: the arguments pass on unchanged
+
+
+def capture_internals(rank, world, k: int, kind: str, degree: str = "attention") -> dict:
+    """Everything an independent recomputation needs, read with plain hooks: the decoder input,
+    each layer's output, each layer's query/key as handed to core attention, the embedding."""
+    # A wider initialisation makes each layer move the hidden states visibly, so that the target
+    # differs from V and the losses are far from zero (a stricter comparison).
+    model = build(BasicConfig(layers=k, degree=degree), micro_batch_size=3 if kind == "mixed" else 2,
+                  init_method_std=0.3)
+    layers = model.language_model.decoder.layers
+    seen = {"hidden": {}, "q": {}, "k": {}}
+
+    def pre_decoder(module, args, kwargs):
+        seen["input"] = (kwargs.get("hidden_states", args[0] if args else None)).detach().clone()
+
+    layers[0].register_forward_pre_hook(pre_decoder, with_kwargs=True)
+    for layer in layers:
+        n = layer.layer_number
+        layer.register_forward_hook(lambda m, a, o, n=n: seen["hidden"].__setitem__(n, o[0].detach().clone()))
+        layer.self_attention.core_attention.register_forward_pre_hook(partial(_keep_qk, seen, n))
+    b = batches(kind)[0]
+    out, mask = _call(model, b)
+    tiny.lm_loss(out, mask).backward()
+    return {"input": seen["input"], "hidden": seen["hidden"], "q": seen["q"], "k": seen["k"],
+            "embedding": model.language_model.embedding.word_embeddings.weight.detach().clone(),
+            "image_mask": model.capture.image_mask, "text_mask": model.capture.text_mask,
+            "logs": model.capture.logs[-1], "input_ids": b.input_ids, "text_lengths": b.text_lengths,
+            "scale": layers[0].self_attention.core_attention.softmax_scale}
+
+
+# -- through Megatron's schedule: TP / PP parity ---------------------------------------------------
+
+def _forward_step(data_iterator, model):
+    b = next(data_iterator)
+    out, mask = _call(model, b)
+
+    def loss_func(output_tensor):
+        loss = tiny.lm_loss(output_tensor, mask)
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return out, loss_func
+
+
+def run_schedule(rank, world, tp: int, pp: int, k: int, kind: str, ref_path: str | None, save_path: str | None):
+    """Forward/backward over 2 micro-batches with Megatron's schedule for this (TP, PP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    mbs = 3 if kind == "mixed" else 2
+    model = build(BasicConfig(layers=k), tp=tp, pp=pp, micro_batch_size=mbs)
+    if save_path is not None:
+        torch.save(model.state_dict(), save_path)
+    if ref_path is not None:
+        full = torch.load(ref_path)
+        if pp > 1:
+            stage = ps.get_pipeline_model_parallel_rank()
+            model.load_state_dict(tiny.remap_pipeline_state_dict(full, model, 4 // pp, stage), strict=True)
+        for name, p in model.named_parameters():  # TP: Megatron's CPU init slices the same master
+            ref = full[tiny_key(name, pp)] if pp > 1 else full[name]
+            if getattr(p, "tensor_model_parallel", False) and tp > 1:
+                ref = ref.chunk(tp, dim=p.partition_dim)[ps.get_tensor_model_parallel_rank()]
+            assert torch.equal(p.detach(), ref), f"{name} differs from the reference weights"
+    data = iter(batches(kind))
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=data, model=[model], num_microbatches=MICRO_BATCHES,
+        seq_length=tiny_neva.SEQ, micro_batch_size=mbs, forward_only=False)
+    out = {"stage": ps.get_pipeline_model_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank()}
+    if ps.is_pipeline_last_stage():
+        out["lm"] = [x["lm loss"].item() for x in losses]
+    if model.capture is not None and model.capture.logs:
+        out["logs"] = [{k_: v.item() for k_, v in entry.items()} for entry in model.capture.logs]
+    if ps.is_pipeline_first_stage():
+        grads = {}
+        for name, p in model.vision_projection.named_parameters():
+            g = p.grad.clone()
+            if getattr(p, "tensor_model_parallel", False) and tp > 1:
+                parts = [torch.empty_like(g) for _ in range(tp)]
+                torch.distributed.all_gather(parts, g, group=ps.get_tensor_model_parallel_group())
+                g = torch.cat(parts, dim=p.partition_dim)
+            grads[name] = g
+        out["projector_grads"] = grads
+    ps.destroy_model_parallel()
+    return out
+
+
+def tiny_key(name: str, pp: int) -> str:
+    """The single-stage name of this stage's parameter `name` (decoder layer index + offset)."""
+    from megatron.core import parallel_state as ps
+
+    prefix = "language_model.decoder.layers."
+    if not name.startswith(prefix):
+        return name
+    idx, tail = name[len(prefix):].split(".", 1)
+    return f"{prefix}{int(idx) + ps.get_pipeline_model_parallel_rank() * (4 // pp)}.{tail}"
+
+
+# -- NeMo training loop ----------------------------------------------------------------------------
+
+def nemo_train_logs(rank, world, tp: int, pp: int, steps: int) -> dict:
+    """Train the tiny BASIC NeVA with nemo.lightning; return the logged metrics of every step."""
+    import lightning.pytorch as pl
+
+    config = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2), freeze_vision_model=True,
+                                        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    trainer, model = tiny_neva.tiny_trainer_and_model(tp, pp, steps, model_cls=BasicNevaModel, config=config)
+    history = []
+
+    class Record(pl.Callback):
+        # Lightning calls callbacks' on_train_batch_end before the module's (where BASIC logs), so
+        # each step's metrics are read when the next step starts, and at the end.
+        def on_train_batch_start(self, trainer, *_):
+            if trainer.global_step > 0:
+                history.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+        def on_train_end(self, trainer, *_):
+            history.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer.callbacks.append(Record())
+    trainer.fit(model, tiny_neva.SyntheticNevaDataModule())
+    return {"history": history, "step": trainer.global_step}

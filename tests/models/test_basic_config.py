@@ -1,0 +1,45 @@
+"""BasicConfig and BasicNevaConfig reject bad settings with a message naming the key."""
+import pytest
+
+from nemo_basic.models.basic_config import BasicConfig, BasicConfigError
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    (dict(layers=0), "basic.layers"), (dict(layers=2.5), "basic.layers"),
+    (dict(weighting="linear"), "basic.weighting"), (dict(degree="uniform"), "basic.degree"),
+    (dict(lambda_das=-1.0), "basic.lambda_das"), (dict(lambda_sds=float("nan")), "basic.lambda_sds"),
+    (dict(kl_chunk_size=0), "basic.kl_chunk_size"), (dict(das="yes"), "basic.das"),
+])
+def test_bad_values_name_the_key(kwargs, key):
+    with pytest.raises(BasicConfigError, match=key.replace(".", r"\.")):
+        BasicConfig(**kwargs)
+
+
+def test_layers_checked_against_the_model():
+    assert BasicConfig().num_supervision_layers(32) == 16   # 7B: k = L // 2
+    assert BasicConfig().num_supervision_layers(40) == 20   # 13B
+    assert BasicConfig(layers=4).num_supervision_layers(4) == 4
+    with pytest.raises(BasicConfigError, match=r"basic\.layers = 5 .*1\.\.4"):
+        BasicConfig(layers=5).num_supervision_layers(4)
+
+
+def test_active_only_with_a_weighted_loss():
+    assert BasicConfig().active
+    assert not BasicConfig(enabled=False).active
+    assert not BasicConfig(das=False, sds=False).active
+    assert not BasicConfig(lambda_das=0.0, sds=False).active
+
+
+def test_neva_config_rejects_supervision_layers_beyond_the_first_stage():
+    from nemo_basic.models.neva import BasicNevaConfig
+    from nemo_basic.testing import tiny_neva
+
+    ok = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2), pipeline_model_parallel_size=2)
+    assert ok.validate_basic() == 2
+    bad = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=3), pipeline_model_parallel_size=2)
+    with pytest.raises(BasicConfigError, match=r"basic\.layers = 3 spans pipeline stages"):
+        bad.validate_basic()
+    recompute = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2))
+    recompute.language_transformer_config.recompute_granularity = "full"
+    with pytest.raises(BasicConfigError, match="recompute_granularity"):
+        recompute.validate_basic()
