@@ -24,6 +24,7 @@ from nemo.collections.vlm.neva.model import base as neva_base  # noqa: E402
 from nemo.collections.vlm.neva.model.base import MCoreNevaModel, NevaConfig, NevaModel  # noqa: E402
 
 from nemo_basic.models.basic_config import BasicConfig, BasicConfigError  # noqa: E402
+from nemo_basic.models import pipeline  # noqa: E402
 from nemo_basic.models.capture import AuxLossAutoScaler, SupervisionCapture, attach_lse_attention  # noqa: E402
 
 IMAGE_TOKEN_INDEX = -200
@@ -43,6 +44,9 @@ class BasicMCoreNevaModel(MCoreNevaModel):
         super().__init__(config, tokenizer, *args, **kwargs)
         self.basic: BasicConfig = config.basic
         self.capture: Optional[SupervisionCapture] = None
+        self.carry = False  # supervision carried between pipeline stages (k beyond stage 0)
+        self._received: Optional[torch.Tensor] = None
+        self._embedding_sync = None
         if not self.basic.active or not self.add_decoder:
             return
         lm_config = config.language_transformer_config
@@ -50,6 +54,15 @@ class BasicMCoreNevaModel(MCoreNevaModel):
         self.capture = SupervisionCapture(self.basic, lm_config.num_layers, vocab_size)
         if self.pre_process:
             self.capture.embedding = self.language_model.embedding.word_embeddings.weight
+        pp = ps.get_pipeline_model_parallel_world_size()
+        self.completing_stage = stage_of_layer(lm_config, pp, self.capture.k)
+        self.carry = self.completing_stage > 0
+        if self.carry and ps.get_pipeline_model_parallel_rank() == self.completing_stage:
+            # L_sds needs E here: a copy refreshed from stage 0 each step (sync_supervision_embedding).
+            rows = self.language_model.vocab_size // ps.get_tensor_model_parallel_world_size()
+            self.register_buffer("basic_embedding", torch.zeros(rows, lm_config.hidden_size,
+                                                                dtype=lm_config.params_dtype), persistent=False)
+            self.capture.embedding = self.basic_embedding
         for layer in self.language_model.decoder.layers:
             if layer.layer_number <= self.capture.k:  # global, 1-based
                 attach_lse_attention(layer.self_attention.core_attention, self.capture, layer.layer_number)
@@ -98,17 +111,84 @@ class BasicMCoreNevaModel(MCoreNevaModel):
             if self.config.grad_scale_func is not None:
                 scale = scale * float(self.config.grad_scale_func(torch.ones(1)))
             AuxLossAutoScaler.set_loss_scale(scale)
-        return super().forward(input_ids, position_ids, loss_mask=loss_mask, attention_mask=attention_mask,
-                               images=images, labels=labels, inference_params=inference_params,
-                               num_image_tiles=num_image_tiles, image_token_index=image_token_index,
-                               runtime_gather_output=runtime_gather_output, image_token_mask=image_token_mask,
-                               packed_seq_params=packed_seq_params)
+            if self.carry and not self.pre_process and self._received is not None and self.capture.has_images:
+                v, target, mass = pipeline.unpack(self._received, image_mask.shape[1], image_mask)
+                self.capture.projected, self.capture.target = v, target
+                self.capture.mass = mass if self.basic.degree == "attention" else None
+        out = super().forward(input_ids, position_ids, loss_mask=loss_mask, attention_mask=attention_mask,
+                              images=images, labels=labels, inference_params=inference_params,
+                              num_image_tiles=num_image_tiles, image_token_index=image_token_index,
+                              runtime_gather_output=runtime_gather_output, image_token_mask=image_token_mask,
+                              packed_seq_params=packed_seq_params)
+        if self.carry and not self.post_process:
+            out = (self._pack(out[0]), *out[1:]) if isinstance(out, tuple) else self._pack(out)
+        return out
+
+    # -- pipeline parallelism with layers 1..k over several stages (nemo_basic.models.pipeline) -----
+    def _pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        c = self.capture
+        live = c.has_images and not c.done  # after layer k the planes are zeros
+        return pipeline.pack(hidden, c.image_mask if live else None, c.projected if live else None,
+                             c.target if live else None, c.mass if live else None)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if self.carry and not self.pre_process:
+            tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+            self._received = None
+            if tensor is not None:
+                seq = self._language_max_sequence_length
+                self._received = tensor[seq:]  # views: gradients flow back into the received tensor
+                input_tensor = [tensor[:seq]]
+        super().set_input_tensor(input_tensor)
+
+    def pipeline_seq_length(self) -> int:
+        """Rows of the activation exchanged between stages: the schedule's `seq_length`."""
+        seq = self._language_max_sequence_length
+        if not self.carry:
+            return seq
+        lm = self.config.language_transformer_config
+        return pipeline.carrier_rows(seq, lm.hidden_size, self.config.pipeline_dtype or lm.params_dtype)
+
+    def sync_supervision_embedding(self) -> None:
+        """Refresh the completing stage's copy of E from stage 0. Call on every rank, once per step,
+        outside the pipeline schedule (BasicNevaModel does it at the start of each step)."""
+        if not self.carry:
+            return
+        if self._embedding_sync is None:
+            self._embedding_sync = pipeline.EmbeddingSync(self.completing_stage)
+        if self.pre_process:
+            self._embedding_sync(self.language_model.embedding.word_embeddings.weight.data)
+        else:
+            self._embedding_sync(getattr(self, "basic_embedding", None))
 
     def _preprocess_data(self, *args, **kwargs):
         out = super()._preprocess_data(*args, **kwargs)
         if self.capture is not None and self.pre_process and out[0] is not None:
             self.capture.set_projected(out[0])  # decoder input [S, B, h]; V = its image rows
         return out
+
+
+def stage_of_layer(lm_config, pp: int, layer: int) -> int:
+    """The pipeline stage holding decoder layer `layer` (1-based), for Megatron's layer split: an
+    even split, or explicit first/last stage sizes with the rest split evenly."""
+    if pp <= 1:
+        return 0
+    first = getattr(lm_config, "num_layers_in_first_pipeline_stage", None)
+    last = getattr(lm_config, "num_layers_in_last_pipeline_stage", None)
+    middle_stages = pp - (first is not None) - (last is not None)
+    rest = lm_config.num_layers - (first or 0) - (last or 0)
+    per = rest // middle_stages if middle_stages else 0
+    sizes = [per] * pp
+    if first is not None:
+        sizes[0] = first
+    if last is not None:
+        sizes[-1] = last
+    upto = 0
+    for stage, size in enumerate(sizes):
+        upto += size
+        if layer <= upto:
+            return stage
+    return pp - 1
 
 
 def basic_neva_data_step(dataloader_iter) -> dict:
@@ -148,15 +228,11 @@ class BasicNevaConfig(NevaConfig):
         lm = self.language_transformer_config
         k = self.basic.num_supervision_layers(lm.num_layers)
         pp = self.pipeline_model_parallel_size
-        if self.basic.active and pp > 1:
-            first_stage_layers = lm.num_layers // pp
-            if getattr(lm, "num_layers_in_first_pipeline_stage", None):
-                first_stage_layers = lm.num_layers_in_first_pipeline_stage
-            if k > first_stage_layers:
-                raise BasicConfigError(
-                    f"basic.layers = {k} spans pipeline stages (the first of {pp} stages holds "
-                    f"{first_stage_layers} layers); supervision layers must lie on the first stage "
-                    "in this version: lower basic.layers or set num_layers_in_first_pipeline_stage")
+        if self.basic.active and pp > 1 and self.sequence_parallel and stage_of_layer(lm, pp, k) > 0:
+            raise BasicConfigError(
+                f"basic.layers = {k} spans pipeline stages, which is not supported together with "
+                "sequence_parallel yet: lower basic.layers to the first stage's layers or turn "
+                "sequence_parallel off")
         if self.basic.active and getattr(lm, "recompute_granularity", None):
             raise BasicConfigError(
                 f"recompute_granularity = {lm.recompute_granularity!r} is not supported with BASIC yet "
@@ -208,6 +284,11 @@ class BasicNevaModel(NevaModel):
             if sums[2 * i + 1] > 0:
                 out[name] = sums[2 * i] / sums[2 * i + 1]
         return out
+
+    def on_train_batch_start(self, batch, batch_idx):
+        for m in self.modules():
+            if isinstance(m, BasicMCoreNevaModel):
+                m.sync_supervision_embedding()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         for name, value in self.basic_losses().items():

@@ -160,9 +160,10 @@ def run_schedule(rank, world, tp: int, pp: int, k: int, kind: str, ref_path: str
                 ref = ref.chunk(tp, dim=p.partition_dim)[ps.get_tensor_model_parallel_rank()]
             assert torch.equal(p.detach(), ref), f"{name} differs from the reference weights"
     data = iter(batches(kind))
+    model.sync_supervision_embedding()  # once per step, outside the schedule (no-op unless carried)
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step, data_iterator=data, model=[model], num_microbatches=MICRO_BATCHES,
-        seq_length=tiny_neva.SEQ, micro_batch_size=mbs, forward_only=False)
+        seq_length=model.pipeline_seq_length(), micro_batch_size=mbs, forward_only=False)
     out = {"stage": ps.get_pipeline_model_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank()}
     if ps.is_pipeline_last_stage():
         out["lm"] = [x["lm loss"].item() for x in losses]

@@ -30,16 +30,29 @@ def test_active_only_with_a_weighted_loss():
     assert not BasicConfig(lambda_das=0.0, sds=False).active
 
 
-def test_neva_config_rejects_supervision_layers_beyond_the_first_stage():
-    from nemo_basic.models.neva import BasicNevaConfig
+def test_neva_config_rejects_unsupported_combinations():
+    from nemo_basic.models.neva import BasicNevaConfig, stage_of_layer
     from nemo_basic.testing import tiny_neva
 
-    ok = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2), pipeline_model_parallel_size=2)
-    assert ok.validate_basic() == 2
-    bad = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=3), pipeline_model_parallel_size=2)
-    with pytest.raises(BasicConfigError, match=r"basic\.layers = 3 spans pipeline stages"):
-        bad.validate_basic()
+    spanning = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=3), pipeline_model_parallel_size=2)
+    assert spanning.validate_basic() == 3  # carried between stages
+    spanning.sequence_parallel = True
+    with pytest.raises(BasicConfigError, match=r"basic\.layers = 3 spans pipeline stages.*sequence_parallel"):
+        spanning.validate_basic()
     recompute = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2))
     recompute.language_transformer_config.recompute_granularity = "full"
     with pytest.raises(BasicConfigError, match="recompute_granularity"):
         recompute.validate_basic()
+
+
+def test_stage_of_layer_follows_megatrons_split():
+    from types import SimpleNamespace
+
+    from nemo_basic.models.neva import stage_of_layer
+
+    even = SimpleNamespace(num_layers=40, num_layers_in_first_pipeline_stage=None,
+                           num_layers_in_last_pipeline_stage=None)
+    assert [stage_of_layer(even, 4, l) for l in (1, 10, 11, 20, 21, 40)] == [0, 0, 1, 1, 2, 3]
+    uneven = SimpleNamespace(num_layers=40, num_layers_in_first_pipeline_stage=4,
+                             num_layers_in_last_pipeline_stage=None)
+    assert [stage_of_layer(uneven, 4, l) for l in (4, 5, 16, 17, 28, 29)] == [0, 1, 1, 2, 2, 3]
