@@ -166,3 +166,18 @@ def _clip_grads() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+@PATCHES.register(
+    "rng_state_accessors",
+    "megatron.core.tensor_parallel.random._get_cuda_rng_state / _set_cuda_rng_state, used by "
+    "CheckpointFunction (activation recomputation) to save and restore the RNG around a re-run",
+    "'Torch not compiled with CUDA enabled' as soon as recompute_granularity is set",
+)
+def _rng_state_accessors() -> None:
+    # The CPU generator stands in for the CUDA one (as in the rng_tracker patch): the re-run
+    # then draws the same dropout masks as the first forward.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)

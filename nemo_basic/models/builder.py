@@ -18,10 +18,11 @@ Weights, who loads what:
   pipeline stage's ``output_layer`` receives the embedding shard (Megatron ties them across stages
   by initial value and a gradient all-reduce).
 
-In a NeMo trainer, do the same once and save a NeMo 2 checkpoint
-(``python -m nemo_basic.export init-from-hf --llm DIR --vision DIR --out CKPT``), then start
-training from it (``AutoResume(restore_config=RestoreConfig(path=CKPT))``): Megatron's
-distributed checkpoint is re-sharded to any TP/PP on load.
+For NeMo training, do this once and save a NeMo 2 checkpoint
+(``python -m nemo_basic.export init-from-hf --llm DIR --vision DIR --out CKPT``, or
+``nemo_basic.export.init_from_hf``), then start training from it
+(``AutoResume(restore_config=RestoreConfig(path=CKPT))``): Megatron's distributed checkpoint is
+re-sharded to any TP/PP on load, and the stored config needs neither HF directory again.
 
 Vocabulary: Megatron pads the embedding to a multiple of 128 rows (TP-independent, so one
 checkpoint loads at any TP that divides 128); the true vocabulary stays available as
@@ -194,6 +195,7 @@ def basic_neva_config_from_hf(
     image_size: Optional[int] = None,
     drop_vision_class_token: bool = True,
     language_overrides: Optional[Mapping[str, Any]] = None,
+    load_vision_weights: bool = True,
     **overrides: Any,
 ) -> BasicNevaConfig:
     """A ``BasicNevaConfig`` for an HF Llama-family LLM and an HF vision encoder.
@@ -210,6 +212,9 @@ def basic_neva_config_from_hf(
         image_size: input pixels; default: the vision directory's image processor crop.
         drop_vision_class_token: drop the class (and register) tokens of CLIP / DINOv2.
         language_overrides: fields of the NeMo ``LlamaConfig`` (e.g. ``params_dtype``).
+        load_vision_weights: the vision config points at ``vision_dir`` and ``configure_model``
+            loads its weights; NeMo stores that path in every checkpoint's context and re-reads it
+            on resume (the checkpoint's weights then win). ``False``: random until loaded.
         **overrides: fields of the ``BasicNevaConfig`` (defaults here: ``freeze_vision_model=True``,
             ``freeze_language_model=True`` — stage 1 trains the projector only; pass ``False`` for
             stage 2).
@@ -224,7 +229,7 @@ def basic_neva_config_from_hf(
     if isinstance(vision_dir, HFVisionEncoderConfig):
         vision = vision_dir
     else:
-        vision = vision_config_from_hf(vision_dir, image_size=image_size)
+        vision = vision_config_from_hf(vision_dir, image_size=image_size, load_weights=load_vision_weights)
     if not -vision.num_hidden_layers - 1 <= vision_feature_layer <= vision.num_hidden_layers:
         raise ValueError(f"vision_feature_layer={vision_feature_layer} is outside the encoder's "
                          f"{vision.num_hidden_layers + 1} hidden states")

@@ -5,10 +5,13 @@ For one micro-batch, `SupervisionCapture` holds
   * V, the projector output at the image positions (first pipeline stage, carries the gradient),
   * the running target Σ_l w_l·h_l[image] in fp32 (eq. 4; a running sum, not k copies),
   * the running text→image attention mass Σ_l mass_l (eq. 5, before normalisation),
-and when layer k has run it computes L_das and L_sds (nemo_basic.supervision) and attaches
-λ1·L_das + λ2·L_sds to layer k's output with `AuxLossAutoScaler`: the forward value is unchanged
+and when layer k has run it computes L_das and L_sds (nemo_basic.supervision); the decoder block's
+output then carries λ1·L_das + λ2·L_sds through `AuxLossAutoScaler`: the forward value is unchanged
 and backward injects the loss's gradient, so the pipeline schedule's own backward pass carries it
-to the projector (the pattern of Megatron's MoEAuxLossAutoScaler). The target, the degree and the
+to the projector (the pattern of Megatron's MoEAuxLossAutoScaler). Attaching at the block output,
+not inside layer k, keeps this outside activation recomputation: a recomputed layer (full or
+selective recompute re-runs forwards inside backward, possibly after the next micro-batch began)
+records nothing, so nothing is counted twice and no state of another micro-batch is touched. The target, the degree and the
 embedding table are constants; only V has a gradient path, so the aux losses train the projector.
 """
 from __future__ import annotations
@@ -44,6 +47,11 @@ class AuxLossAutoScaler(torch.autograd.Function):
     def set_loss_scale(scale: torch.Tensor | float) -> None:
         """The factor the schedule applies to the LM loss (1/num_microbatches × grad scale)."""
         AuxLossAutoScaler.main_loss_backward_scale = torch.as_tensor(scale, dtype=torch.float32)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. activation recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def pad_rows(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -87,9 +95,9 @@ def attach_lse_attention(core_attention: torch.nn.Module, capture: "SupervisionC
     def forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):  # Megatron's interface; tensors [s, b, heads, dim]
         wanted = capture.wants_attention(layer_number)
-        fused_ok = (attention_mask is None and attention_bias is None and packed_seq_params is None
+        fused_ok = (capture.active and attention_mask is None and attention_bias is None and packed_seq_params is None
                     and not kwargs and (not query.is_cuda or query.dtype in (torch.float16, torch.bfloat16)))
-        if not wanted or not fused_ok:
+        if not fused_ok:
             out = original(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                            attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
             if wanted:
@@ -103,7 +111,8 @@ def attach_lse_attention(core_attention: torch.nn.Module, capture: "SupervisionC
         dropout = getattr(core_attention, "attention_dropout", None)
         p = dropout.p if core_attention.training and isinstance(dropout, torch.nn.Dropout) else 0.0
         out, lse = sdpa_with_lse(q, k, v, scale_of(query), p)
-        capture.record_attention(layer_number, query, key, lse=lse, scale=scale_of(query))
+        if wanted:
+            capture.record_attention(layer_number, query, key, lse=lse, scale=scale_of(query))
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
 
     core_attention.forward = forward
@@ -130,10 +139,16 @@ class SupervisionCapture:
         self.layers_seen: set[int] = set()
         self.attention_seen: set[int] = set()
         self.done = False
+        self.pending = None              # λ1·L_das + λ2·L_sds, waiting for the block output
 
     def begin(self, image_mask: torch.Tensor, text_mask: torch.Tensor) -> None:
         self.reset()
         self.image_mask, self.text_mask = image_mask, text_mask
+
+    @property
+    def active(self) -> bool:
+        """A micro-batch is being captured (set by `begin`; off for inference calls)."""
+        return self.image_mask is not None
 
     @property
     def has_images(self) -> bool:
@@ -147,7 +162,7 @@ class SupervisionCapture:
     # -- called from the decoder -----------------------------------------------------------------
     def wants_attention(self, layer_number: int) -> bool:
         return (self.basic.degree == "attention" and self.has_images and layer_number <= self.k
-                and layer_number not in self.attention_seen)
+                and layer_number not in self.attention_seen and not in_backward())
 
     def record_attention(self, layer_number, query, key, lse, scale) -> None:
         self.attention_seen.add(layer_number)  # activation recomputation must not count twice
@@ -159,11 +174,10 @@ class SupervisionCapture:
             tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None)
         self.mass = mass if self.mass is None else self.mass + mass
 
-    def after_layer(self, layer_number: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Forward hook of decoder layer `layer_number` (global, 1-based); hidden [S(/TP), B, h].
-        Returns the (possibly loss-carrying) hidden state."""
-        if layer_number > self.k or not self.has_images:
-            return hidden
+    def after_layer(self, layer_number: int, hidden: torch.Tensor) -> None:
+        """Forward hook of decoder layer `layer_number` (global, 1-based); hidden [S(/TP), B, h]."""
+        if layer_number > self.k or not self.has_images or in_backward():
+            return
         if layer_number not in self.layers_seen:
             self.layers_seen.add(layer_number)
             full = hidden.detach()
@@ -174,8 +188,14 @@ class SupervisionCapture:
             rows = full.transpose(0, 1)[self.image_mask].float() * self.weights[layer_number - 1]
             self.target = rows if self.target is None else self.target + rows  # eq. 4, running sum
         if layer_number == self.k and not self.done:
-            return self._attach_losses(hidden)
-        return hidden
+            self._compute_losses()
+
+    def after_block(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the decoder block: the output carries the pending aux loss."""
+        if self.pending is None or in_backward():
+            return hidden
+        total, self.pending = self.pending, None
+        return AuxLossAutoScaler.apply(hidden, total)
 
     # -- the losses (eq. 5-8) ----------------------------------------------------------------------
     def losses(self) -> dict:
@@ -200,22 +220,24 @@ class SupervisionCapture:
                 vocab_size=self.vocab_size, vocab_start_index=rank * emb.shape[0])
         return out
 
-    def _attach_losses(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _compute_losses(self) -> None:
         if self.projected is None or self.target is None or self.embedding is None:
             raise RuntimeError(
-                "BASIC: layer k ran on a pipeline stage without the projector output; "
-                f"basic.layers (k={self.k}) must not exceed the first pipeline stage's layers")
+                f"BASIC: layer k={self.k} ran without the projector output or the embedding on this "
+                "pipeline stage (is the model's pipeline wiring in nemo_basic.models.pipeline active?)")
         self.done = True
-        losses = self.losses()
+        # Under full recomputation the layers' first forward runs without grad; V's graph (built
+        # outside the recomputed region) still takes the losses' gradient.
+        with torch.enable_grad():
+            losses = self.losses()
+            total = self.projected.new_zeros((), dtype=torch.float32)
+            if "das" in losses:
+                total = total + self.basic.lambda_das * losses["das"]
+            if "sds" in losses:
+                total = total + self.basic.lambda_sds * losses["sds"]
         self.logs.append({name: value.detach() for name, value in losses.items()})
-        total = hidden.new_zeros((), dtype=torch.float32)
-        if "das" in losses:
-            total = total + self.basic.lambda_das * losses["das"]
-        if "sds" in losses:
-            total = total + self.basic.lambda_sds * losses["sds"]
-        if not torch.is_grad_enabled() or not total.requires_grad:
-            return hidden
-        return AuxLossAutoScaler.apply(hidden, total)
+        if total.requires_grad:
+            self.pending = total
 
     def pop_logs(self) -> dict:
         """Mean of each loss over this step's micro-batches that had images (count included)."""

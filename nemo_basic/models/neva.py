@@ -67,6 +67,7 @@ class BasicMCoreNevaModel(MCoreNevaModel):
             if layer.layer_number <= self.capture.k:  # global, 1-based
                 attach_lse_attention(layer.self_attention.core_attention, self.capture, layer.layer_number)
                 layer.register_forward_hook(functools.partial(_after_layer, self.capture, layer.layer_number))
+        self.language_model.decoder.register_forward_hook(functools.partial(_after_block, self.capture))
 
     # -- image / text positions, from NeVA's own placement bookkeeping ------------------------------
     def placement_masks(self, input_ids, num_image_tiles, attention_mask=None, packed_seq_params=None,
@@ -98,6 +99,8 @@ class BasicMCoreNevaModel(MCoreNevaModel):
                 runtime_gather_output=None, image_token_mask=None, packed_seq_params=None, text_lengths=None):
         """NeVA's forward; `text_lengths` [B] (unpadded token counts) lets BASIC exclude the
         tokenizer's right padding from the text rows of eq. 5."""
+        if self.capture is not None and inference_params is not None:
+            self.capture.reset()  # generation: no supervision, and no stale state from training
         if self.capture is not None and inference_params is None:
             if num_image_tiles is None:
                 n = 0 if images is None else images.shape[0]
@@ -212,9 +215,13 @@ def basic_neva_forward_step(model, batch) -> torch.Tensor:
 
 
 def _after_layer(capture: SupervisionCapture, layer_number: int, module, args, output):
-    hidden, context = output
-    new_hidden = capture.after_layer(layer_number, hidden)
-    return output if new_hidden is hidden else (new_hidden, context)
+    capture.after_layer(layer_number, output[0])  # TransformerLayer returns (hidden, context)
+
+
+def _after_block(capture: SupervisionCapture, module, args, output):
+    if isinstance(output, tuple):
+        return (capture.after_block(output[0]), *output[1:])
+    return capture.after_block(output)
 
 
 @dataclasses.dataclass
@@ -233,10 +240,6 @@ class BasicNevaConfig(NevaConfig):
                 f"basic.layers = {k} spans pipeline stages, which is not supported together with "
                 "sequence_parallel yet: lower basic.layers to the first stage's layers or turn "
                 "sequence_parallel off")
-        if self.basic.active and getattr(lm, "recompute_granularity", None):
-            raise BasicConfigError(
-                f"recompute_granularity = {lm.recompute_granularity!r} is not supported with BASIC yet "
-                "(the supervision of layers 1..k is captured in the forward pass); set it to null")
         return k
 
     def configure_model(self, tokenizer, vp_stage: Optional[int] = None) -> BasicMCoreNevaModel:

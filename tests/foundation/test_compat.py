@@ -18,6 +18,7 @@ _TARGETS = textwrap.dedent("""
                 torch.Tensor.cuda, tu.get_default_causal_mask, fs.get_default_causal_mask,
                 cvm.CLIPViTModel.__init__.__defaults__, sch.torch, torch.cuda.synchronize,
                 cg.clip_grad_by_total_norm_fp32, opt.clip_grad_by_total_norm_fp32, torch.cuda.Stream,
+                r._get_cuda_rng_state, r._set_cuda_rng_state,
                 torch.cuda.stream, mi._set_random_seed, nlpl._fix_tensors_device,
                 mopt.get_megatron_optimizer, torch.overrides._get_current_function_mode_stack()]
 """)

@@ -14,7 +14,7 @@ MICRO_BATCHES = 2
 
 def build(basic: BasicConfig | None, tp: int = 1, pp: int = 1, num_layers: int = 4, seed: int = 1234,
           freeze_vision: bool = True, plain: bool = False, micro_batch_size: int = 2,
-          init_method_std: float = 0.02):
+          init_method_std: float = 0.02, recompute: str | None = None):
     """The tiny NeVA (plain NevaConfig, or BasicNevaConfig with `basic`) for this rank's stage."""
     from megatron.core.num_microbatches_calculator import (
         destroy_num_microbatches_calculator, init_num_microbatches_calculator)
@@ -29,7 +29,12 @@ def build(basic: BasicConfig | None, tp: int = 1, pp: int = 1, num_layers: int =
     else:
         config = tiny_neva.tiny_neva_config(BasicNevaConfig, num_layers=num_layers, basic=basic, **kwargs)
     config.language_transformer_config.pipeline_dtype = torch.float32
-    config.pipeline_dtype = torch.float32  # the schedule reads the model's (NeVA's) config
+    config.pipeline_dtype = torch.float32
+    lm = config.language_transformer_config
+    if recompute == "full":      # every layer re-run in backward, one at a time
+        lm.recompute_granularity, lm.recompute_method, lm.recompute_num_layers = "full", "uniform", 1
+    elif recompute == "selective":  # core attention re-run in backward
+        lm.recompute_granularity = "selective"  # the schedule reads the model's (NeVA's) config
     return config.configure_model(tiny_neva.TinyTokenizer())
 
 
@@ -140,13 +145,14 @@ def _forward_step(data_iterator, model):
     return out, loss_func
 
 
-def run_schedule(rank, world, tp: int, pp: int, k: int, kind: str, ref_path: str | None, save_path: str | None):
+def run_schedule(rank, world, tp: int, pp: int, k: int, kind: str, ref_path: str | None, save_path: str | None,
+                 recompute: str | None = None):
     """Forward/backward over 2 micro-batches with Megatron's schedule for this (TP, PP)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mbs = 3 if kind == "mixed" else 2
-    model = build(BasicConfig(layers=k), tp=tp, pp=pp, micro_batch_size=mbs)
+    model = build(BasicConfig(layers=k), tp=tp, pp=pp, micro_batch_size=mbs, recompute=recompute)
     if save_path is not None:
         torch.save(model.state_dict(), save_path)
     if ref_path is not None:

@@ -39,10 +39,6 @@ def test_neva_config_rejects_unsupported_combinations():
     spanning.sequence_parallel = True
     with pytest.raises(BasicConfigError, match=r"basic\.layers = 3 spans pipeline stages.*sequence_parallel"):
         spanning.validate_basic()
-    recompute = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2))
-    recompute.language_transformer_config.recompute_granularity = "full"
-    with pytest.raises(BasicConfigError, match="recompute_granularity"):
-        recompute.validate_basic()
 
 
 def test_stage_of_layer_follows_megatrons_split():

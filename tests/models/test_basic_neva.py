@@ -136,6 +136,17 @@ def test_pipeline_parallel_2_matches_single_process(reference, kind, k):
     _assert_same(dict(where, projector_grads=first["projector_grads"]), ref)
 
 
+@pytest.mark.parametrize("recompute,pp", [("full", 1), ("selective", 1), ("full", 2)])
+def test_activation_recomputation_counts_once(reference, recompute, pp):
+    """Recomputed layers re-run their forward inside backward (under 1F1B after the next
+    micro-batch started): the losses and projector gradients must not change."""
+    path, ref = reference("simple", 3)
+    ranks = run_distributed(W.run_schedule, pp, 1, pp, 3, "simple", path, None, recompute)
+    first, last = ranks[0], ranks[-1]
+    assert last["lm"] == pytest.approx(ref["lm"], rel=1e-5)
+    _assert_same(dict(last, projector_grads=first["projector_grads"]), ref)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_nemo_training_logs_three_losses(tp, pp):

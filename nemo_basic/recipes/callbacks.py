@@ -1,0 +1,183 @@
+"""Lightning callbacks of the recipes: progress (console line, ``metrics.jsonl``, throughput in
+TensorBoard, a checkpoint at the end of every job) and the per-job step limit.
+
+Module-level classes with plain constructor arguments, so that NeMo can record the trainer in a
+checkpoint's ``context/``. Imports Lightning: `nemo_basic.recipes.train` imports it when a run starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict
+
+from nemo_basic.recipes.train import METRICS_FILE, RECORDS_DIR  # noqa: E402
+
+LOSS_KEYS = {"lm loss": "lm_loss", "basic das loss": "basic_das_loss", "basic sds loss": "basic_sds_loss"}
+
+
+def say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[nemo_basic] {msg}", flush=True)
+
+
+def weight_digest(module) -> Dict[str, float]:
+    """Sum of |w| (float64) of this rank's projector, language model and vision tower: a cheap
+    fingerprint showing which parts a stage changed and what a stage started from."""
+    import torch
+
+    out = {"projector": 0.0, "language_model": 0.0, "vision_model": 0.0}
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            for part in out:
+                key = "vision_projection" if part == "projector" else part
+                if f"{key}." in name:
+                    out[part] += float(p.detach().double().abs().sum())
+    return out
+
+
+def parameter_counts(module) -> Dict[str, Dict[str, int]]:
+    """{part: {"total": n, "trainable": n}} for the projector, language model and vision tower."""
+    out = {part: {"total": 0, "trainable": 0} for part in ("projector", "language_model", "vision_model")}
+    for name, p in module.named_parameters():
+        for part in out:
+            key = "vision_projection" if part == "projector" else part
+            if f"{key}." in name:
+                out[part]["total"] += p.numel()
+                out[part]["trainable"] += p.numel() if p.requires_grad else 0
+    return out
+
+
+def _scalar(v):
+    import torch
+
+    if v is None:
+        return None
+    return float(v.detach().float().cpu()) if torch.is_tensor(v) else float(v)
+
+
+def _base():
+    import lightning.pytorch as pl
+
+    return pl.Callback
+
+
+class RecipeProgress(_base()):
+    """Step time, samples/s and tokens/s (logged to TensorBoard), a console line and a line in
+    ``<run_dir>/recipe/metrics.jsonl`` per logged step; makes sure every job ends with a checkpoint.
+
+    The module logs its losses in its own ``on_train_batch_end``, which Lightning calls after the
+    callbacks' ones: a step's line is written at the start of the next step (or at the end).
+    ``history`` (the rows) and ``params`` (trainable/total counts, weight digests) are read by
+    `nemo_basic.recipes.train.run` for the summary."""
+
+    def __init__(self, stage: int, max_steps: int, run_dir: str, log_every_n_steps: int = 1,
+                 global_batch_size: int = 1, data_parallel: int = 1, config_yaml: str = ""):
+        super().__init__()
+        self.stage, self.max_steps, self.run_dir = stage, max_steps, run_dir
+        self.every, self.gbs, self.dp = log_every_n_steps, global_batch_size, data_parallel
+        self.config_yaml = config_yaml
+        self.history: list = []
+        self.params: dict = {}
+        self.t0 = None
+        self.tokens0 = 0
+        self.start_step = 0
+        self.started = time.time()
+        self.pending = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+        self.started = time.time()
+        self.params["trainable"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        self.params["total"] = sum(p.numel() for p in pl_module.parameters())
+        self.params["digest_start"] = weight_digest(pl_module)
+        self.params["by_part"] = parameter_counts(pl_module)
+        if trainer.global_rank == 0:
+            os.makedirs(os.path.join(self.run_dir, RECORDS_DIR), exist_ok=True)
+            with open(os.path.join(self.run_dir, RECORDS_DIR, f"config-stage{self.stage}.yaml"), "w") as f:
+                f.write(self.config_yaml)
+        if self.start_step:
+            say(f"stage {self.stage}: resumed at step {self.start_step} of {self.max_steps}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.flush(trainer)
+        self.t0 = time.perf_counter()
+        self.tokens0 = getattr(pl_module, "tokens_seen", 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        dt = time.perf_counter() - (self.t0 or time.perf_counter())
+        tokens = (getattr(pl_module, "tokens_seen", 0) - self.tokens0) * self.dp
+        sps = self.gbs / dt if dt > 0 else float("nan")
+        tps = tokens / dt if dt > 0 else float("nan")
+        pl_module.log("throughput/samples_per_s", sps, batch_size=1, rank_zero_only=True)
+        pl_module.log("throughput/tokens_per_s", tps, batch_size=1, rank_zero_only=True)
+        pl_module.log("throughput/step_time_s", dt, batch_size=1, rank_zero_only=True)
+        self.pending = (trainer.global_step, dt, sps, tps)
+
+    def on_train_end(self, trainer, pl_module):
+        self.flush(trainer)
+        self.params["digest_end"] = weight_digest(pl_module)
+        cb = trainer.checkpoint_callback  # NeMo's own on_train_end skips some steps (val_check_interval)
+        if cb is not None and trainer.global_step > self.start_step:
+            candidates = cb._monitor_candidates(trainer)
+            if cb.last_model_path != cb.format_checkpoint_name(candidates, cb.CHECKPOINT_NAME_LAST):
+                cb._save_last_checkpoint(trainer, candidates)
+
+    def flush(self, trainer):
+        if self.pending is None:
+            return
+        step, dt, sps, tps = self.pending
+        self.pending = None
+        if trainer.global_rank != 0 or (step % self.every and step != self.max_steps and not trainer.should_stop):
+            return
+        m = trainer.callback_metrics
+        row = {"step": step, "lm_loss": _scalar(m.get("lm loss", m.get("reduced_train_loss")))}
+        for key, name in LOSS_KEYS.items():
+            if key != "lm loss":
+                row[name] = _scalar(m.get(key))
+        row.update(lr=_scalar(m.get("lr")), step_time_s=dt, samples_per_s=sps, tokens_per_s=tps, time=time.time())
+        self.history.append(row)
+        with open(os.path.join(self.run_dir, METRICS_FILE), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done = step - self.start_step
+        eta = (time.time() - self.started) / max(done, 1) * (self.max_steps - step)
+        parts = [f"step {step}/{self.max_steps}", f"lm loss {row['lm_loss']:.4f}"]
+        if row.get("basic_das_loss") is not None:
+            parts.append(f"das {row['basic_das_loss']:.4g}")
+        if row.get("basic_sds_loss") is not None:
+            parts.append(f"sds {row['basic_sds_loss']:.4g}")
+        if row["lr"] is not None:
+            parts.append(f"lr {row['lr']:.2e}")
+        parts.append(f"{dt:.1f} s/step, {sps:.2f} samples/s, {tps:.0f} tokens/s, eta {eta / 60:.1f} min")
+        line = f"[stage {self.stage}] " + " | ".join(parts)
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line, file=sys.stdout)
+        except Exception:  # pragma: no cover
+            print(line, flush=True)
+
+
+class StopAfterSteps(_base()):
+    """Stop after ``steps`` steps of this job; the last checkpoint is written at the end and the next
+    launch resumes from it. For Slurm job chains with a time limit (and for the resume tests)."""
+
+    def __init__(self, stage: int, steps: int, max_steps: int):
+        super().__init__()
+        self.stage, self.steps, self.max_steps = stage, steps, max_steps
+        self.start = 0
+        self.stopped = False
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step - self.start >= self.steps and trainer.global_step < self.max_steps:
+            trainer.should_stop = True
+            self.stopped = True
+
+    def on_train_end(self, trainer, pl_module):
+        if self.stopped:
+            say(f"stage {self.stage}: stopped after {self.steps} steps of this job (trainer.stop_after_steps) at "
+                f"step {trainer.global_step} of {self.max_steps}; launch again to resume")

@@ -1,0 +1,322 @@
+"""The model step of a recipe: architecture checks (no weights), the NeVA config, the Lightning module.
+
+* `architecture(cfg)` reads the LLM and vision-tower shapes from the checkpoints' ``config.json``
+  or from a named preset (`nemo_basic.recipes.presets`), the tiny model's from its builder;
+* `check_model(cfg, runtime)` validates everything that depends on those shapes (k ≤ L, heads
+  and query groups divisible by the tensor-parallel size, layers by the pipeline size, layers
+  1..k on the first pipeline stage, image tokens < sequence length) and reports parameter counts;
+* `build_model_config(cfg, runtime)` makes the `BasicNevaConfig` (tiny: `nemo_basic.testing.
+  tiny_neva`; hf: `nemo_basic.models.builder.basic_neva_config_from_hf`);
+* `build_model(cfg, runtime, optim)` returns the Lightning module (`RecipeNevaModel`), which loads
+  the pretrained Hugging Face weights into the Megatron modules right after they are built —
+  unless a checkpoint is being resumed or a stage-2 run starts from a stage-1 checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any, Optional
+
+from nemo_basic.recipes import presets
+from nemo_basic.recipes.schema import EMBEDDED_SCHEME, RecipeConfig, RecipeConfigError, bad_value
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm", "nemo_basic.pretrained:smollm2_dir"),
+    "dinov2-small": ("vision", "nemo_basic.pretrained:dinov2_small_dir"),
+}
+# what the embedded models are, for checks before the one-time conversion has run
+EMBEDDED_ARCH = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True, hidden_act="silu"),
+    "dinov2-small": dict(presets.VISION_PRESETS["dinov2-small"]),
+}
+
+
+@dataclasses.dataclass
+class Architecture:
+    """What the checks need, read without building anything."""
+
+    llm: dict
+    vision: dict
+    num_layers: int
+    k: int                       # BASIC supervision layers (0 when BASIC is off)
+    image_size: int              # input side in pixels
+    patch_size: int
+    img_seq_len: int             # image embeddings per image after the projector
+    llm_params: int
+    vision_params: int
+    projector_params: int
+    padded_vocab: int
+
+    @property
+    def total_params(self) -> int:
+        return self.llm_params + self.vision_params + self.projector_params
+
+    def summary(self) -> str:
+        g = lambda n: f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"  # noqa: E731
+        return (f"LLM {self.num_layers} layers, hidden {self.llm['hidden_size']}, "
+                f"{self.llm['num_attention_heads']} heads / {self.llm.get('num_key_value_heads') or self.llm['num_attention_heads']} "
+                f"KV, vocab {self.llm['vocab_size']} (padded {self.padded_vocab}): {g(self.llm_params)}; "
+                f"vision {self.vision['num_hidden_layers']} layers, hidden {self.vision['hidden_size']}, "
+                f"{self.image_size} px / patch {self.patch_size} -> {self.img_seq_len} image tokens: "
+                f"{g(self.vision_params)}; projector {g(self.projector_params)}; total {g(self.total_params)}; "
+                f"BASIC k = {self.k}")
+
+
+# -- paths -------------------------------------------------------------------------------------------------
+def is_embedded(path: Optional[str]) -> bool:
+    return bool(path) and path.startswith(EMBEDDED_SCHEME)
+
+
+def embedded_name(path: str, key: str, kind: str) -> str:
+    name = path[len(EMBEDDED_SCHEME):]
+    if name not in EMBEDDED_MODELS or EMBEDDED_MODELS[name][0] != kind:
+        names = [n for n, (k, _) in EMBEDDED_MODELS.items() if k == kind]
+        raise bad_value(key, path, " | ".join(EMBEDDED_SCHEME + n for n in names) + " or a checkpoint folder")
+    return name
+
+
+def resolve_model_path(path: str, key: str, kind: str) -> str:
+    """A checkpoint folder; ``embedded://...`` is prepared (converted once, cached) here."""
+    if is_embedded(path):
+        import importlib
+
+        module, fn = EMBEDDED_MODELS[embedded_name(path, key, kind)][1].split(":")
+        return str(getattr(importlib.import_module(module), fn)())
+    return os.path.abspath(os.path.expanduser(path))
+
+
+# -- architecture -----------------------------------------------------------------------------------------
+def _tiny_architecture(cfg: RecipeConfig) -> tuple[dict, dict]:
+    from nemo_basic.testing.tiny import IMG, PATCH, VOCAB
+
+    llm = dict(model_type="tiny", hidden_size=64, intermediate_size=256, num_hidden_layers=cfg.model.tiny_num_layers,
+               num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, tie_word_embeddings=False)
+    vision = dict(model_type="tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=IMG, patch_size=PATCH, class_token=True)
+    return llm, vision
+
+
+def _arch_of(cfg: RecipeConfig, kind: str) -> dict:
+    m = cfg.model
+    path, preset = (m.llm_path, m.llm_arch) if kind == "llm" else (m.vision_path, m.vision_arch)
+    key_path, key_preset = (f"model.{kind}_path", f"model.{kind}_arch")
+    if is_embedded(path):
+        name = embedded_name(path, key_path, kind)
+        arch = dict(EMBEDDED_ARCH[name])
+        if preset is not None:
+            presets.resolve(kind, None, preset, key_path, key_preset)  # the name must exist
+        return arch
+    try:
+        return presets.resolve(kind, os.path.expanduser(path) if path else None, preset, key_path, key_preset)
+    except presets.ArchitectureError as e:
+        raise RecipeConfigError(str(e)) from None
+
+
+def architecture(cfg: RecipeConfig, tensor_parallel: Optional[int] = None) -> Architecture:
+    from nemo_basic.convert.llama import padded_vocab_size
+
+    m = cfg.model
+    if m.type == "tiny":
+        llm, vision = _tiny_architecture(cfg)
+    else:
+        llm, vision = _arch_of(cfg, "llm"), _arch_of(cfg, "vision")
+    L = llm["num_hidden_layers"]
+    try:
+        k = cfg.basic.num_supervision_layers(L) if cfg.basic.active else 0
+    except ValueError as e:
+        raise RecipeConfigError(f"{e} (the LLM has {L} layers)") from None
+    patch = vision["patch_size"]
+    size = m.image_size or (vision["image_size"] if vision.get("model_type") != "dinov2" else 224)
+    if size % patch:
+        raise bad_value("model.image_size", size, f"a multiple of the patch size {patch}")
+    cls = 1 if vision.get("class_token", True) and not m.drop_vision_class_token else 0
+    img_seq_len = (size // patch) ** 2 + cls
+    tp = tensor_parallel or cfg.parallel.tensor
+    padded = padded_vocab_size(llm["vocab_size"], 128, tp)
+    return Architecture(
+        llm=llm, vision=vision, num_layers=L, k=k, image_size=size, patch_size=patch, img_seq_len=img_seq_len,
+        llm_params=presets.llm_parameters(llm), vision_params=presets.vision_parameters(vision)
+        if m.type != "tiny" else 0, projector_params=presets.projector_parameters(
+            m.projector, vision["hidden_size"], llm["hidden_size"]), padded_vocab=padded)
+
+
+def check_model(cfg: RecipeConfig, runtime: Optional[dict] = None) -> Architecture:
+    """Validate the settings that depend on the model's shape; returns the architecture."""
+    arch = architecture(cfg)
+    m, p, llm, vision = cfg.model, cfg.parallel, arch.llm, arch.vision
+    nh = llm["num_attention_heads"]
+    nkv = llm.get("num_key_value_heads") or nh
+    if nh % p.tensor or nkv % p.tensor and p.tensor % nkv:
+        raise bad_value("parallel.tensor", p.tensor, f"a size dividing the {nh} attention heads and the {nkv} "
+                        "key-value heads")
+    if vision["num_attention_heads"] % p.tensor:
+        raise bad_value("parallel.tensor", p.tensor,
+                        f"a size dividing the vision tower's {vision['num_attention_heads']} heads")
+    L = arch.num_layers
+    first = p.num_layers_in_first_pipeline_stage
+    if p.pipeline > 1:
+        if first is None and L % p.pipeline:
+            raise bad_value("parallel.pipeline", p.pipeline, f"a size dividing the {L} layers (or set "
+                            "parallel.num_layers_in_first_pipeline_stage)")
+        first = first or L // p.pipeline
+        if first >= L:
+            raise bad_value("parallel.num_layers_in_first_pipeline_stage", first, f"an integer < {L}")
+        if arch.k > first:
+            raise bad_value("basic.layers", arch.k, f"null or an integer <= {first}",
+                            f"layers 1..k must lie on the first of {p.pipeline} pipeline stages, which holds "
+                            f"{first} layers; or raise parallel.num_layers_in_first_pipeline_stage")
+    elif first is not None:
+        raise bad_value("parallel.num_layers_in_first_pipeline_stage", first, "null", "parallel.pipeline is 1")
+    max_pos = llm.get("max_position_embeddings")
+    if max_pos and m.seq_length > max_pos and m.type != "tiny":
+        raise bad_value("model.seq_length", m.seq_length, f"an integer <= {max_pos}",
+                        "the LLM's max_position_embeddings")
+    if m.seq_length <= arch.img_seq_len:
+        raise bad_value("model.seq_length", m.seq_length, f"an integer > {arch.img_seq_len}",
+                        "the image alone takes that many tokens")
+    L_vis = vision["num_hidden_layers"]
+    if not -L_vis <= m.vision_feature_layer < L_vis or m.vision_feature_layer == 0 and m.type != "tiny":
+        raise bad_value("model.vision_feature_layer", m.vision_feature_layer,
+                        f"an index into the {L_vis} vision layers (-1: last, -2: second to last)")
+    if runtime is not None and cfg.trainer.fp8 is not None:
+        from nemo_basic.models.specs import have_transformer_engine
+
+        if not have_transformer_engine():
+            raise bad_value("trainer.fp8", cfg.trainer.fp8, "null", "FP8 needs Transformer Engine (the NGC container)")
+    return arch
+
+
+SUPPORTED_LLM_TYPES = ("llama", "mistral")  # what nemo_basic.convert loads from Hugging Face
+
+
+def training_blockers(cfg: RecipeConfig, arch: Architecture) -> list:
+    """Reasons this recipe cannot train in this version although its configuration is valid."""
+    out = []
+    mt = arch.llm.get("model_type")
+    if cfg.model.type == "hf" and mt not in SUPPORTED_LLM_TYPES:
+        out.append(f"model.llm_path: the LLM is a {mt!r} model; this version converts Hugging Face "
+                   f"{' / '.join(SUPPORTED_LLM_TYPES)} checkpoints only (nemo_basic.convert)")
+    return out
+
+
+# -- config and module ------------------------------------------------------------------------------------------
+def _apply_common(config, cfg: RecipeConfig, runtime: dict):
+    import torch
+
+    m = cfg.model
+    config.freeze_language_model = cfg.freeze_language_model
+    config.freeze_vision_model = m.freeze_vision_model
+    config.freeze_vision_projection = m.freeze_projector
+    config.drop_vision_class_token = m.drop_vision_class_token
+    config.vision_feature_layer = m.vision_feature_layer
+    config.tensor_model_parallel_size = cfg.parallel.tensor
+    config.pipeline_model_parallel_size = cfg.parallel.pipeline
+    config.sequence_parallel = cfg.parallel.sequence_parallel
+    dtype = torch.bfloat16 if runtime.get("precision") == "bf16-mixed" else torch.float32
+    lm = config.language_transformer_config
+    lm.pipeline_dtype = dtype
+    config.pipeline_dtype = dtype
+    if cfg.parallel.num_layers_in_first_pipeline_stage is not None:
+        lm.num_layers_in_first_pipeline_stage = cfg.parallel.num_layers_in_first_pipeline_stage
+    return config
+
+
+def build_model_config(cfg: RecipeConfig, runtime: dict, llm_dir: Optional[str] = None,
+                       vision_dir: Optional[str] = None, load_vision_weights: bool = True):
+    """The `BasicNevaConfig` of the recipe (nothing is allocated; the vision tower reads its
+    weights from ``vision_dir`` when the model is built, unless ``load_vision_weights`` is off)."""
+    from nemo_basic.models.neva import BasicNevaConfig
+
+    m = cfg.model
+    if m.type == "tiny":
+        from nemo_basic.testing import tiny_neva
+
+        config = tiny_neva.tiny_neva_config(BasicNevaConfig, num_layers=m.tiny_num_layers, basic=cfg.basic)
+        config.language_transformer_config.seq_length = m.seq_length
+        config.seq_length = m.seq_length
+        return _apply_common(config, cfg, runtime)
+    from nemo_basic.models import builder
+    from nemo_basic.models.vision import vision_config_from_hf
+
+    vision_dir = vision_dir or resolve_model_path(m.vision_path, "model.vision_path", "vision")
+    vision = vision_config_from_hf(vision_dir, image_size=m.image_size, load_weights=load_vision_weights)
+    config = builder.basic_neva_config_from_hf(
+        llm_dir or resolve_model_path(m.llm_path, "model.llm_path", "llm"), vision,
+        basic=cfg.basic, vision_feature_layer=m.vision_feature_layer, projector=m.projector,
+        seq_length=m.seq_length, tensor_model_parallel_size=cfg.parallel.tensor,
+        pipeline_model_parallel_size=cfg.parallel.pipeline, drop_vision_class_token=m.drop_vision_class_token)
+    return _apply_common(config, cfg, runtime)
+
+
+def preset_dirs(cfg: RecipeConfig, root: Optional[str] = None) -> tuple[str, str]:
+    """Folders holding only the ``config.json`` of the LLM and the vision tower (from the checkpoint
+    folder or the preset), to build a configuration without the weights (checks, tests)."""
+    import json
+
+    root = root or tempfile.mkdtemp(prefix="nemo_basic_arch_")
+    out = []
+    for kind in ("llm", "vision"):
+        arch = _arch_of(cfg, kind)
+        d = os.path.join(root, kind)
+        os.makedirs(d, exist_ok=True)
+        arch = {k: v for k, v in arch.items() if k != "class_token"}
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(arch, f, indent=1)
+        out.append(d)
+    return out[0], out[1]
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def recipe_model_class():
+    """`RecipeNevaModel` (its module imports NeMo, so it is imported only when a run starts)."""
+    from nemo_basic.recipes.module import RecipeNevaModel
+
+    return RecipeNevaModel
+
+
+def build_model(cfg: RecipeConfig, runtime: dict, optim, llm_dir: Optional[str] = None,
+                vision_dir: Optional[str] = None):
+    """(Lightning module, tokenizer, image processor) for the recipe; weights are allocated later,
+    by the strategy (``configure_model``)."""
+    arch = architecture(cfg)
+    config = build_model_config(cfg, runtime, llm_dir, vision_dir)
+    cls = recipe_model_class()
+    if cfg.model.type == "tiny":
+        from nemo_basic.testing import tiny_neva
+
+        return cls(config, optim=optim, tokenizer=tiny_neva.TinyTokenizer(), img_seq_len=arch.img_seq_len), None, None
+    from nemo_basic.models import builder
+
+    img_seq_len = builder.image_seq_length(config)
+    if img_seq_len != arch.img_seq_len:
+        raise RecipeConfigError(f"internal: {img_seq_len} image tokens built, {arch.img_seq_len} expected")
+    tokenizer = builder.tokenizer_from_hf(llm_dir)
+    model = cls(config, optim=optim, tokenizer=tokenizer, pretrained={"llm_dir": llm_dir}, img_seq_len=img_seq_len)
+    return model, tokenizer, image_processor(config.vision_transformer_config)
+
+
+def image_processor(vision) -> Any:
+    """The vision tower's HF image processor at the tower's input size (``model.image_size``
+    resizes the square-padded image to that side, whole: no border crop)."""
+    from nemo_basic.models.vision import (default_image_processor, image_processor_from_dict,
+                                          processor_image_size)
+
+    proc = image_processor_from_dict(vision.image_processor) if vision.image_processor else None
+    if proc is None:
+        return default_image_processor(vision)
+    n = vision.image_size
+    if processor_image_size(proc) != n:
+        size = getattr(proc, "size", None) or {}
+        proc.size = {"shortest_edge": n} if "shortest_edge" in size else {"height": n, "width": n}
+        if getattr(proc, "crop_size", None) is not None:
+            proc.crop_size = {"height": n, "width": n}
+    if processor_image_size(proc) != n:
+        raise RecipeConfigError(f"model.image_size = {n}: cannot make the image processor produce {n} px")
+    return proc
