@@ -288,6 +288,15 @@ class BasicNevaModel(NevaModel):
                 out[name] = sums[2 * i] / sums[2 * i + 1]
         return out
 
+    def on_fit_start(self):
+        # With layers 1..k spanning pipeline stages, the activation exchanged between stages has
+        # the supervision rows appended (nemo_basic.models.pipeline): the schedule's seq_length,
+        # which NeMo takes from the data sampler, must count them.
+        models = [m for m in self.modules() if isinstance(m, BasicMCoreNevaModel) and m.carry]
+        sampler = getattr(getattr(self.trainer, "datamodule", None), "data_sampler", None)
+        if models and sampler is not None:
+            sampler.seq_len = models[0].pipeline_seq_length()
+
     def on_train_batch_start(self, batch, batch_idx):
         for m in self.modules():
             if isinstance(m, BasicMCoreNevaModel):

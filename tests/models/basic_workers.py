@@ -202,11 +202,11 @@ def tiny_key(name: str, pp: int) -> str:
 
 # -- NeMo training loop ----------------------------------------------------------------------------
 
-def nemo_train_logs(rank, world, tp: int, pp: int, steps: int) -> dict:
+def nemo_train_logs(rank, world, tp: int, pp: int, steps: int, k: int = 2) -> dict:
     """Train the tiny BASIC NeVA with nemo.lightning; return the logged metrics of every step."""
     import lightning.pytorch as pl
 
-    config = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2), freeze_vision_model=True,
+    config = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=k), freeze_vision_model=True,
                                         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     trainer, model = tiny_neva.tiny_trainer_and_model(tp, pp, steps, model_cls=BasicNevaModel, config=config)
     history = []

@@ -148,9 +148,10 @@ def test_activation_recomputation_counts_once(reference, recompute, pp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_nemo_training_logs_three_losses(tp, pp):
-    ranks = run_distributed(W.nemo_train_logs, 2, tp, pp, 3, init_group=False)
+@pytest.mark.parametrize("tp,pp,k", [(2, 1, 2), (1, 2, 3)])
+def test_nemo_training_logs_three_losses(tp, pp, k):
+    """NeMo's own loop; under PP=2 with k=3 the supervision spans both stages."""
+    ranks = run_distributed(W.nemo_train_logs, 2, tp, pp, 3, k, init_group=False)
     history = ranks[0]["history"]
     assert len(history) == 3
     for step in history:
