@@ -95,17 +95,28 @@ def _ensure_process_group() -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def load_checkpoint_weights(ckpt: str | os.PathLike, prefix: str = "module.") -> dict[str, torch.Tensor]:
+_MODEL_PREFIX = re.compile(r"^((?:module\.)+)(language_model|vision_model|vision_projection)\.")
+
+
+def load_checkpoint_weights(ckpt: str | os.PathLike, prefix: Optional[str] = None) -> dict[str, torch.Tensor]:
     """The model tensors of a NeMo 2 checkpoint as one full (TP=1, all stages) state dict.
 
     Optimizer states are skipped; stacked decoder layers are split into
-    ``language_model.decoder.layers.<i>.<param>``. Any TP/PP layout reads the same."""
+    ``language_model.decoder.layers.<i>.<param>``. Any TP/PP layout reads the same. ``prefix``:
+    the model's key prefix, found when None ("module." from importers, "module.module." from a
+    checkpoint saved while Megatron's DDP wrapper was on)."""
     from megatron.core import dist_checkpointing
 
     ckpt = check_checkpoint_dir(ckpt)
     _ensure_process_group()
     weights = ckpt / "weights"
     meta = dist_checkpointing.load_tensors_metadata(str(weights))
+    if prefix is None:
+        found = {m.group(1) for m in map(_MODEL_PREFIX.match, meta) if m}
+        if len(found) > 1:
+            raise CheckpointError(f"{weights} holds several models (key prefixes {sorted(found)}); "
+                                  "virtual-pipeline checkpoints are not supported")
+        prefix = found.pop() if found else "module."
     wanted = {k: v for k, v in meta.items() if k.startswith(prefix)}
     if not wanted:
         roots = sorted({k.split(".")[0] for k in meta})

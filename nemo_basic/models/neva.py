@@ -35,7 +35,7 @@ def _num_microbatches() -> int:
         from megatron.core.num_microbatches_calculator import get_num_microbatches
 
         return get_num_microbatches()
-    except (AssertionError, RuntimeError, ImportError):  # calculator not initialised: one micro-batch
+    except (AssertionError, AttributeError, RuntimeError, ImportError):  # calculator not set up: one micro-batch
         return 1
 
 

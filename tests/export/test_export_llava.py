@@ -1,0 +1,323 @@
+"""Hugging Face LLaVA <-> our NeMo 2 checkpoint (nemo_basic.export), checked by numbers:
+
+* HF LLaVA -> ours (the CLI): our Megatron model's logits on image + text equal HF's (fp32, eager);
+* BASIC's L_das / L_sds in our model equal a float64 recomputation from the HF model's own hidden
+  states and attention probabilities (METHOD.md eq. 4-7);
+* ours -> HF -> ours and HF -> ours -> HF are bit-identical; the export loads with transformers
+  offline and generates what the original HF model generates;
+* TP=2 and PP=2 load the checkpoint (TP=2 logits equal HF's) and their re-saved distributed
+  checkpoints export to the same HF weights (gathered / re-stacked on export).
+"""
+import json
+import math
+
+import pytest
+import torch
+
+import _export_workers as W
+from nemo_basic.convert import ensure_model_parallel
+from nemo_basic.models.basic_config import BasicConfig
+from nemo_basic.testing import run_distributed
+
+BASIC_LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return W.make_llava(tmp_path_factory.mktemp("hf") / "llava")
+
+
+@pytest.fixture(scope="module")
+def hf_model(llava_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(str(llava_dir), attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def imported(llava_dir, tmp_path_factory):
+    from nemo_basic.export.hf import import_hf_llava
+
+    ensure_model_parallel()
+    return import_hf_llava(llava_dir, tmp_path_factory.mktemp("ours") / "ckpt", seq_length=128,
+                           basic=BasicConfig(layers=BASIC_LAYERS))
+
+
+@pytest.fixture(scope="module")
+def ours(imported):
+    from nemo_basic.export.hf import load_neva_from_checkpoint
+
+    ensure_model_parallel()
+    mcore, model = load_neva_from_checkpoint(imported)
+    return mcore.eval(), model
+
+
+@pytest.fixture(scope="module")
+def exported(imported, tmp_path_factory):
+    from nemo_basic.export.__main__ import main
+
+    out = tmp_path_factory.mktemp("export") / "hf"
+    ensure_model_parallel()
+    assert main(["export-hf", "--checkpoint", str(imported), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_cli_import_equals_api_import(llava_dir, imported, tmp_path):
+    """`python -m nemo_basic.export import-hf` in a fresh interpreter writes the same checkpoint."""
+    from nemo_basic.export.checkpoint import load_checkpoint_weights
+
+    ckpt = tmp_path / "cli"
+    proc = W.run_cli("import-hf", "--hf", str(llava_dir), "--out", str(ckpt), "--seq-length", "128",
+                     "--basic-layers", str(BASIC_LAYERS))
+    assert "[nemo_basic.export] done" in proc.stderr and "import-hf finished" in proc.stderr
+    ensure_model_parallel()
+    a, b = load_checkpoint_weights(imported), load_checkpoint_weights(ckpt)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (ckpt / "context" / "model.yaml").read_text() == (imported / "context" / "model.yaml").read_text()
+
+
+def test_checkpoint_layout(imported):
+    from megatron.core import dist_checkpointing
+
+    assert (imported / "context" / "io.json").is_file() and (imported / "context" / "model.yaml").is_file()
+    meta = json.loads((imported / "nemo_basic.json").read_text())
+    assert meta["format"] == "nemo_basic.neva" and meta["hf_text_vocab_size"] == W.VOCAB
+    assert meta["image_token"] == "<image>" and meta["image_token_index"] == W.IMAGE_TOKEN_ID
+    ensure_model_parallel()
+    keys = set(dist_checkpointing.load_tensors_metadata(str(imported / "weights")))
+    # Megatron's local spec saves its layernorms under the Transformer Engine names
+    assert "module.language_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+    # the context carries no model weights (the tokenizer artifact is a tokenizer-only copy)
+    assert not list((imported / "context").rglob("*.safetensors"))
+
+
+def test_hf_llava_logits_equal_ours(ours, hf_model):
+    mcore, model = ours
+    assert model.tokenizer.vocab_size == W.TOKENS + 1  # true vocabulary for BASIC: 250 words + <image>
+    hf_ids, neva_ids, pixels = W.neva_inputs()
+    with torch.no_grad():
+        ref = hf_model(input_ids=hf_ids, pixel_values=pixels).logits
+        logits = W.neva_forward(mcore, neva_ids, pixels)
+    assert logits.shape[:2] == ref.shape[:2]  # NeVA expands the one placeholder into M positions
+    torch.testing.assert_close(logits[..., :W.VOCAB], ref, atol=1e-4, rtol=0)
+    assert ref.abs().max() > 0.1  # not trivially small
+
+
+# -- BASIC against an independent float64 recomputation from the HF model ----------------------------
+def reference_basic_losses(hf_model, hf_ids, pixels, k: int, vocab: int):
+    """METHOD.md eq. 4-7 written directly, in float64, from HF's hidden states and attention probs."""
+    model = hf_model.double()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=hf_ids, pixel_values=pixels.double(), output_hidden_states=True,
+                        output_attentions=True)
+        table = model.get_input_embeddings().weight[:vocab]          # E: true vocabulary only
+        weights = torch.tensor([l * l for l in range(1, k + 1)], dtype=torch.float64)
+        weights = weights / weights.sum()                            # inc: l² / Σ j²
+        das, sds = [], []
+        for b in range(hf_ids.shape[0]):
+            image = hf_ids[b] == W.IMAGE_TOKEN_ID
+            text = ~image
+            v = out.hidden_states[0][b][image]                       # projector output V
+            v_hat = sum(weights[l - 1] * out.hidden_states[l][b][image] for l in range(1, k + 1))
+            mass = torch.zeros(int(image.sum()), dtype=torch.float64)
+            for l in range(1, k + 1):
+                probs = out.attentions[l - 1][b].mean(0)             # head average [S, S]
+                mass += probs[text][:, image].sum(0)
+            a = mass / (k * int(text.sum()))
+            a = a / a.sum()
+            unit = lambda x: x / x.norm(dim=-1, keepdim=True)        # noqa: E731
+            das.append((a * (unit(v) - unit(v_hat)).pow(2).sum(-1)).sum())
+            log_p = torch.log_softmax(v_hat @ table.T, -1)
+            log_q = torch.log_softmax(v @ table.T, -1)
+            sds.append((a * (log_p.exp() * (log_p - log_q)).sum(-1)).sum())
+        return torch.stack(das).mean(), torch.stack(sds).mean()
+    finally:
+        model.float()
+
+
+def test_basic_losses_match_float64_reference(ours, hf_model):
+    mcore, model = ours
+    assert mcore.capture is not None and mcore.capture.k == BASIC_LAYERS
+    hf_ids, neva_ids, pixels = W.neva_inputs(seed=3)
+    labels = torch.randint(3, W.TOKENS, neva_ids.shape, generator=torch.Generator().manual_seed(4))
+    mcore.capture.logs.clear()
+    with torch.no_grad():
+        W.neva_forward(mcore, neva_ids, pixels, labels=labels)
+    logs = mcore.capture.logs[-1]
+    das, sds = reference_basic_losses(hf_model, hf_ids, pixels, BASIC_LAYERS, model.tokenizer.vocab_size)
+    assert float(das) > 0.1 and float(sds) > 1e-3  # far from trivial values
+    assert math.isclose(float(logs["das"]), float(das), rel_tol=1e-4), (float(logs["das"]), float(das))
+    assert math.isclose(float(logs["sds"]), float(sds), rel_tol=1e-4), (float(logs["sds"]), float(sds))
+
+
+# -- round trips ------------------------------------------------------------------------------------
+def _hf_state(path):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(str(path)).state_dict()
+
+
+def test_hf_to_ours_to_hf_is_bit_identical(llava_dir, exported):
+    a, b = _hf_state(llava_dir), _hf_state(exported)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    src = json.loads((llava_dir / "config.json").read_text())
+    dst = json.loads((exported / "config.json").read_text())
+    for field in ("image_token_index", "vision_feature_layer", "vision_feature_select_strategy",
+                  "projector_hidden_act"):
+        assert dst[field] == src[field], field
+    assert dst["text_config"]["vocab_size"] == W.VOCAB
+
+
+def test_ours_to_hf_to_ours_is_bit_identical(imported, exported, tmp_path):
+    from nemo_basic.export.checkpoint import load_checkpoint_weights
+    from nemo_basic.export.hf import import_hf_llava
+
+    ensure_model_parallel()
+    again = import_hf_llava(exported, tmp_path / "again", seq_length=128, basic=BasicConfig(layers=BASIC_LAYERS))
+    a, b = load_checkpoint_weights(imported), load_checkpoint_weights(again)
+    assert set(a) == set(b) and len(a) > 20
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_export_generates_with_transformers(llava_dir, exported):
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(str(exported))
+    image = Image.fromarray((np.random.default_rng(0).random((40, 52, 3)) * 255).astype("uint8"))
+    inputs = processor(images=image, text="w5 w6 <image> w7 w8", return_tensors="pt")
+    assert int((inputs["input_ids"] == W.IMAGE_TOKEN_ID).sum()) == W.M  # <image> -> 16 image tokens
+    outputs = {}
+    for name, path in (("original", llava_dir), ("exported", exported)):
+        model = LlavaForConditionalGeneration.from_pretrained(str(path)).eval()
+        outputs[name] = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert outputs["exported"].shape[1] == inputs["input_ids"].shape[1] + 6
+    assert torch.equal(outputs["exported"], outputs["original"])
+    text = processor.batch_decode(outputs["exported"][:, inputs["input_ids"].shape[1]:])[0]
+    assert text.strip().startswith("w")
+
+
+def test_export_from_local_or_te_layer_names(ours, llava_dir):
+    """The CPU (local spec) and Transformer Engine layernorm names export to the same HF tensors."""
+    from nemo_basic.convert import convert_mcore_spec
+    from nemo_basic.export.llava import mcore_to_hf_llava
+
+    mcore, _ = ours
+    local = {k: v for k, v in mcore.state_dict().items() if not k.endswith("_extra_state")}
+    assert "language_model.decoder.layers.0.input_layernorm.weight" in local
+    original = _hf_state(llava_dir)
+    for spec, state in (("local", local), ("te", convert_mcore_spec(local, "local", "te"))):
+        hf = mcore_to_hf_llava(state, mcore.config, spec, W.VOCAB)
+        assert set(hf) == set(original), spec
+        for key in original:
+            assert torch.equal(hf[key], original[key]), (spec, key)
+
+
+@pytest.mark.slow
+def test_nemo_trainer_restores_our_checkpoint(imported, tmp_path):
+    """NeMo's own loop (llm.train + AutoResume(RestoreConfig)) starts from our checkpoint: after one
+    step at learning rate 0 the model holds exactly the checkpoint's tensors."""
+    from nemo_basic.convert import convert_mcore_spec
+    from nemo_basic.export.checkpoint import load_checkpoint_weights
+
+    (result,) = run_distributed(W.nemo_restore, 1, str(imported), str(tmp_path / "logs"), init_group=False)
+    assert result["step"] == 1
+    ensure_model_parallel()
+    expected = convert_mcore_spec(load_checkpoint_weights(imported), "te", "local")
+    got = {k[len("module."):]: v for k, v in result["state"].items()}
+    assert set(got) == set(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+# -- TP / PP layouts ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tp2_pp2_load_and_export_gathered(imported, llava_dir, hf_model, tmp_path):
+    from nemo_basic.export.checkpoint import load_checkpoint_weights
+    from nemo_basic.export.hf import export_hf_llava
+
+    from transformers import LlamaForCausalLM
+
+    llm_dir, clip_dir = W.make_llm(tmp_path / "llm", tied=False), W.make_vision(tmp_path / "clip", "clip")
+    results = run_distributed(W.parallel_load_and_save, 2, str(imported), str(tmp_path), str(llm_dir),
+                              str(clip_dir))
+    hf_ids, _, pixels = W.neva_inputs()
+    with torch.no_grad():
+        ref = hf_model(input_ids=hf_ids, pixel_values=pixels).logits
+    for rank in range(2):  # TP=2: the vocab-parallel logits, gathered, equal HF's
+        torch.testing.assert_close(results[rank]["tp2"]["logits"][..., :W.VOCAB], ref, atol=1e-4, rtol=0)
+    assert [results[r]["pp2"]["layers"] for r in range(2)] == [[1, 2], [3, 4]]
+
+    ensure_model_parallel()
+    full = load_checkpoint_weights(imported)
+    # TP=2: rank r holds rows r of the vocab-parallel embedding and its query groups of QKV
+    emb = full["language_model.embedding.word_embeddings.weight"]
+    for r in range(2):
+        torch.testing.assert_close(results[r]["tp2"]["state"]["language_model.embedding.word_embeddings.weight"],
+                                   emb.chunk(2)[r], atol=0, rtol=0)
+    # PP=2: stage 1's local layer 0 is global layer 2 (0-based)
+    key = "language_model.decoder.layers.0.self_attention.linear_proj.weight"
+    assert torch.equal(results[1]["pp2"]["state"][key], full[key.replace("layers.0.", "layers.2.")])
+
+    # basic_neva_config_from_hf + load_hf_weights under TP=2 / PP=2 (each rank its shard / stage)
+    hf_llm = LlamaForCausalLM.from_pretrained(str(llm_dir)).eval()
+    with torch.no_grad():
+        ref_text = hf_llm(W.text_ids()).logits
+    for rank in range(2):
+        torch.testing.assert_close(results[rank]["tp2"]["from_hf"]["logits"][..., :W.VOCAB], ref_text,
+                                   atol=1e-4, rtol=0)
+    hf_sd = hf_llm.state_dict()
+    stage1 = results[1]["pp2"]["from_hf"]["lm_state"]  # local layer 0 of stage 1 = HF layer 2
+    assert torch.equal(stage1["decoder.layers.0.mlp.linear_fc2.weight"], hf_sd["model.layers.2.mlp.down_proj.weight"])
+    assert torch.equal(stage1["output_layer.weight"][:W.VOCAB], hf_sd["lm_head.weight"])
+    assert "embedding.word_embeddings.weight" in results[0]["pp2"]["from_hf"]["lm_state"]
+
+    original = _hf_state(llava_dir)
+    for layout in ("tp2", "pp2"):
+        out = export_hf_llava(tmp_path / layout, tmp_path / f"hf-{layout}")
+        exported = _hf_state(out)
+        assert set(exported) == set(original)
+        for name in original:
+            assert torch.equal(exported[name], original[name]), (layout, name)
+
+
+# -- clear errors ------------------------------------------------------------------------------------
+def test_errors_name_the_missing_piece(imported, llava_dir, tmp_path, capsys):
+    import shutil
+
+    from nemo_basic.export.__main__ import main
+    from nemo_basic.export.hf import neva_config_from_hf_llava
+    from nemo_basic.export.llava import hf_llava_to_mcore
+    from nemo_basic.models.builder import read_hf_state_dict
+
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(imported, broken)
+    shutil.rmtree(broken / "context")
+    assert main(["export-hf", "--checkpoint", str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert "context/io.json" in capsys.readouterr().err
+    empty = tmp_path / "empty-hf"
+    empty.mkdir()
+    assert main(["import-hf", "--hf", str(empty), "--out", str(tmp_path / "o2")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert main(["export-hf", "--checkpoint", str(imported), "--out", str(llava_dir)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+    config, _ = neva_config_from_hf_llava(llava_dir, seq_length=128)
+    sd = read_hf_state_dict(llava_dir)
+    del sd["multi_modal_projector.linear_2.bias"]
+    with pytest.raises(ValueError, match="multi_modal_projector.linear_2.bias"):
+        hf_llava_to_mcore(sd, config)
+    sd = read_hf_state_dict(llava_dir)
+    del sd["language_model.model.layers.1.post_attention_layernorm.weight"]
+    with pytest.raises(KeyError, match="layers.1.post_attention_layernorm.weight"):
+        hf_llava_to_mcore(sd, config)
