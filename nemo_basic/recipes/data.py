@@ -118,14 +118,13 @@ def build_data(cfg: RecipeConfig, runtime: dict, tokenizer=None, image_processor
     from nemo_basic.data.datamodule import LlavaDataModule
 
     pad = d.pad_to_seq_length if d.pad_to_seq_length is not None else cfg.parallel.pipeline > 1
-    workers = 0 if cfg.trainer.deterministic_data else d.num_workers
     return LlavaDataModule(
         paths or resolve_data_paths(cfg), tokenizer, image_processor, template=cfg.template,
         seq_length=cfg.model.seq_length, num_image_embeddings_per_tile=img_seq_len,
         micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size,
         num_train_samples=(max_steps * d.global_batch_size) if max_steps else None, seed=cfg.run.seed,
         shuffle=d.shuffle, pad_to_seq_length=pad, image_process_mode=d.image_process_mode,
-        num_workers=workers)
+        num_workers=d.num_workers)
 
 
 def synthetic_data_module(micro_batch_size: int, global_batch_size: int, seq_length: int):

@@ -57,8 +57,9 @@ class Architecture:
 
     def summary(self) -> str:
         g = lambda n: f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"  # noqa: E731
-        return (f"LLM {self.num_layers} layers, hidden {self.llm['hidden_size']}, "
-                f"{self.llm['num_attention_heads']} heads / {self.llm.get('num_key_value_heads') or self.llm['num_attention_heads']} "
+        heads = self.llm["num_attention_heads"]
+        kv = self.llm.get("num_key_value_heads") or heads
+        return (f"LLM {self.num_layers} layers, hidden {self.llm['hidden_size']}, {heads} heads / {kv} "
                 f"KV, vocab {self.llm['vocab_size']} (padded {self.padded_vocab}): {g(self.llm_params)}; "
                 f"vision {self.vision['num_hidden_layers']} layers, hidden {self.vision['hidden_size']}, "
                 f"{self.image_size} px / patch {self.patch_size} -> {self.img_seq_len} image tokens: "
@@ -182,6 +183,9 @@ def check_model(cfg: RecipeConfig, runtime: Optional[dict] = None) -> Architectu
     if not -L_vis <= m.vision_feature_layer < L_vis or m.vision_feature_layer == 0 and m.type != "tiny":
         raise bad_value("model.vision_feature_layer", m.vision_feature_layer,
                         f"an index into the {L_vis} vision layers (-1: last, -2: second to last)")
+    if m.type == "hf" and not m.freeze_vision_model:
+        raise bad_value("model.freeze_vision_model", False, "true", "the Hugging Face vision tower is frozen in "
+                        "this version (as in LLaVA-1.5 and BASIC)")
     if runtime is not None and cfg.trainer.fp8 is not None:
         from nemo_basic.models.specs import have_transformer_engine
 

@@ -102,7 +102,8 @@ def resolve(kind: str, path: Optional[str], preset: Optional[str], key_path: str
     if from_file is not None:
         if preset is not None:
             want = table[preset]
-            diff = {k: (from_file.get(k), want[k]) for k in _COMPARED if k in want and from_file.get(k, want[k]) != want[k]}
+            diff = {k: (from_file.get(k), want[k]) for k in _COMPARED
+                    if k in want and from_file.get(k, want[k]) != want[k]}
             if diff:
                 raise ArchitectureError(
                     f"{key_path} = {path!r} does not hold {key_preset} = {preset!r}: "

@@ -198,7 +198,6 @@ class TrainerConfig:
     fp8_recipe: str = F("delayed", doc="FP8 scaling recipe", **choice(*FP8_RECIPES))
     log_every_n_steps: int = F(1, doc="logging interval (TensorBoard, console, metrics.jsonl)", **int_range(1))
     progress_bar: bool = F(True, doc="console progress bar", **boolean())
-    deterministic_data: bool = F(False, doc="(tests) no background data workers", **boolean())
 
 
 @dataclass
@@ -276,8 +275,6 @@ class RecipeConfig:
         """<log_dir>/<name>/stage<stage>: checkpoints/, tb_logs/, metrics.jsonl, summary.json."""
         return os.path.join(self.run_root, f"stage{self.run.stage}")
 
-    def world_size(self, devices: int) -> int:
-        return devices * self.trainer.num_nodes
 
 
 # BasicConfig (nemo_basic.models.basic_config) validates itself; its allowed values for the messages:

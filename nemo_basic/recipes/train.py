@@ -14,7 +14,6 @@ import glob
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -68,7 +67,7 @@ def resolve_init_from(cfg: RecipeConfig) -> Optional[str]:
                         f"no finished checkpoint in {os.path.abspath(os.path.expanduser(where))}; run stage 1 "
                         "first (examples/basic_pretrain.py with the same run.name and run.log_dir), or set "
                         "checkpoint.init_from=null to start from the pretrained LLM with a fresh projector")
-    return ckpt
+    return os.path.realpath(ckpt)  # "-last" is a link that moves if stage 1 runs on
 
 
 # -- NeMo objects ---------------------------------------------------------------------------------------------
@@ -136,7 +135,7 @@ def build_logger(cfg: RecipeConfig, max_steps: int):
 
     c = cfg.checkpoint
     ckpt = nl.ModelCheckpoint(
-        save_last=True, save_top_k=c.keep, monitor="step", mode="max", filename="{step}-{consumed_samples}",
+        save_last="link", save_top_k=c.keep, monitor="step", mode="max", filename="{step}-{consumed_samples}",
         every_n_train_steps=c.every_n_steps or max_steps, save_optim_on_train_end=True,
         always_save_context=False, save_context_on_train_end=True)
     tb = TensorBoardLogger(save_dir=cfg.run_dir, name="tb_logs", version="")
@@ -162,6 +161,7 @@ def preflight(cfg: RecipeConfig, require_files: bool = True, assume_target: bool
     if assume_target and not cuda and cfg.trainer.accelerator == "gpu":
         cuda, gpus = True, cfg.trainer.devices or 8
         notes.append(f"checked as on GPUs ({gpus} per node): this machine has no CUDA")
+    model_mod.check_model(cfg)  # the configuration's own errors first, then this machine's
     runtime = resolve_runtime(cfg, cuda, gpus)
     arch = model_mod.check_model(cfg, runtime if not notes else None)
     runtime["init_from"] = None
@@ -226,7 +226,8 @@ def run(cfg: RecipeConfig) -> dict:
            else "") + f", warm-up {warmup}, lr {cfg.optim.lr:g} cosine to {cfg.optim.min_lr:g}; "
         f"trainable: projector{'' if cfg.freeze_language_model else ' + LLM'}"
         f"{'' if cfg.model.freeze_vision_model else ' + vision tower'}; "
-        f"BASIC {'on (k = %d, %s, %s)' % (arch.k, cfg.basic.weighting, cfg.basic.degree) if cfg.basic.active else 'off'}")
+        + (f"BASIC on (k = {arch.k}, {cfg.basic.weighting}, {cfg.basic.degree})" if cfg.basic.active
+           else "BASIC off"))
 
     os.makedirs(os.path.join(run_dir, RECORDS_DIR), exist_ok=True)
     from nemo.utils.exp_manager import TimingCallback
@@ -254,9 +255,9 @@ def run(cfg: RecipeConfig) -> dict:
     resume = nl.AutoResume(resume_if_exists=cfg.checkpoint.resume, resume_ignore_no_checkpoint=True,
                            restore_config=restore)
     before = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    import torch
+    from lightning.pytorch import seed_everything
 
-    torch.manual_seed(cfg.run.seed)
+    seed_everything(cfg.run.seed, workers=True)
     llm.train(model, datamodule, trainer, log=logger, resume=resume, tokenizer=None)
 
     ckpt = latest_checkpoint(run_dir)

@@ -1,0 +1,182 @@
+"""Recipe configuration: every YAML in conf/ loads and validates; bad overrides are reported by key."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nemo_basic.recipes import model as M
+from nemo_basic.recipes.schema import RecipeConfigError, load_config, resolve_runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFS = sorted(glob.glob(os.path.join(REPO, "conf", "*.yaml")))
+BIG_7B = os.path.join(REPO, "conf", "llava15_7b_stage1.yaml")
+
+
+def stages_of(path: str) -> list:
+    name = os.path.basename(path)
+    if "stage1" in name:
+        return [1]
+    if "stage2" in name:
+        return [2]
+    return [1, 2]  # tiny.yaml: both entry points
+
+
+def runtime_for(cfg):
+    gpu = cfg.trainer.accelerator == "gpu"  # check a GPU config for the GPUs it is written for
+    return resolve_runtime(cfg, cuda=gpu, gpus_per_node=8 if gpu else 0)
+
+
+def test_conf_has_the_paper_recipes():
+    names = {os.path.basename(p) for p in CONFS}
+    for stem in ("llava15_7b", "llava15_13b", "clip_gemma2b", "clip_phi3mini", "clip_mistral7b",
+                 "siglip_vicuna7b", "siglip_vicuna13b", "embedded"):
+        assert {f"{stem}_stage1.yaml", f"{stem}_stage2.yaml"} <= names, stem
+    assert {"tiny.yaml", "llava15_7b_stage2_fp8.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFS, ids=[os.path.basename(p) for p in CONFS])
+def test_every_config_loads_and_validates(path):
+    for stage in stages_of(path):
+        cfg = load_config(path, stage=stage)
+        assert cfg.run.stage == stage
+        runtime = runtime_for(cfg)
+        arch = M.check_model(cfg)
+        assert arch.k == (cfg.basic.layers or arch.num_layers // 2)
+        assert arch.img_seq_len < cfg.model.seq_length
+        if cfg.model.type == "hf":  # the paper's schedule and BASIC weights
+            assert cfg.optim.lr == (1e-3 if stage == 1 else 2e-5)
+            assert cfg.optim.warmup_ratio == 0.03 and cfg.basic.lambda_das == 1.0 and cfg.basic.lambda_sds == 0.01
+            assert cfg.freeze_language_model == (stage == 1) and cfg.model.freeze_vision_model
+            assert cfg.template == ("plain" if stage == 1 else "vicuna_v1")
+        if cfg.trainer.accelerator == "gpu":
+            assert runtime["precision"] == "bf16-mixed" and runtime["distributed_optimizer"]
+            assert cfg.data.global_batch_size == (256 if stage == 1 else 128)
+            assert cfg.trainer.max_steps is None and cfg.trainer.epochs == 1
+            # a 2-node version of every GPU recipe still divides the batch
+            cfg.trainer.num_nodes = 2
+            runtime_for(cfg)
+
+
+@pytest.mark.parametrize("name,stage,k,layers,tp,img", [
+    ("llava15_7b_stage1.yaml", 1, 16, 32, 1, 576), ("llava15_7b_stage2.yaml", 2, 16, 32, 2, 576),
+    ("llava15_13b_stage1.yaml", 1, 20, 40, 1, 576), ("llava15_13b_stage2.yaml", 2, 20, 40, 4, 576),
+    ("clip_gemma2b_stage1.yaml", 1, 9, 18, 1, 576), ("clip_phi3mini_stage2.yaml", 2, 16, 32, 1, 576),
+    ("clip_mistral7b_stage2.yaml", 2, 16, 32, 2, 576), ("siglip_vicuna7b_stage1.yaml", 1, 16, 32, 1, 729),
+    ("siglip_vicuna13b_stage2.yaml", 2, 20, 40, 4, 729), ("embedded_stage1.yaml", 1, 15, 30, 1, 64),
+])
+def test_paper_settings(name, stage, k, layers, tp, img):
+    cfg = load_config(os.path.join(REPO, "conf", name), stage=stage)
+    arch = M.check_model(cfg)
+    assert (arch.k, arch.num_layers, cfg.parallel.tensor, arch.img_seq_len) == (k, layers, tp, img)
+    runtime = runtime_for(cfg)
+    if cfg.trainer.accelerator == "gpu":
+        assert runtime["world_size"] == 8 and runtime["data_parallel"] == 8 // tp
+
+
+def test_fp8_switch():
+    cfg = load_config(os.path.join(REPO, "conf", "llava15_7b_stage2_fp8.yaml"), stage=2)
+    assert cfg.trainer.fp8 == "hybrid" and cfg.parallel.distributed_optimizer
+    assert runtime_for(cfg)["precision"] == "bf16-mixed"
+    assert load_config(BIG_7B, ["trainer.fp8=hybrid"], stage=1).trainer.fp8 == "hybrid"
+    cfg = load_config(os.path.join(REPO, "conf", "tiny.yaml"), ["trainer.fp8=hybrid"], stage=1)
+    with pytest.raises(RecipeConfigError, match=r"trainer\.fp8 = 'hybrid' is invalid.*Transformer Engine"):
+        resolve_runtime(cfg, cuda=False)
+
+
+def test_ablation_switches():
+    base = ["model.type=tiny", "data.path=synthetic", "trainer.max_steps=2"]
+    cfg = load_config(BIG_7B, ["basic.das=false"])
+    assert cfg.basic.das is False and cfg.basic.sds is True and cfg.basic.active
+    assert M.check_model(load_config(BIG_7B, ["basic.layers=8"])).k == 8
+    assert load_config(BIG_7B, ["basic.weighting=const"]).basic.weighting == "const"
+    assert load_config(BIG_7B, ["basic.degree=equal"]).basic.degree == "equal"
+    off = load_config(BIG_7B, ["basic.enabled=false"])
+    assert not off.basic.active and M.check_model(off).k == 0
+    both_off = load_config(None, base + ["basic.das=false", "basic.sds=false"])
+    assert not both_off.basic.active  # exactly LLaVA
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_stepz=2", "unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)"),
+    ("trainr.max_steps=2", "unknown key 'trainr' (did you mean 'trainer'?)"),
+    ("optim.max_steps=2", "unknown key 'optim.max_steps' (did you mean 'trainer.max_steps'?)"),
+    ("basic.lamda_sds=0.1", "unknown key 'basic.lamda_sds' (did you mean 'basic.lambda_sds'?)"),
+    ("trainer.max_steps=abc", "trainer.max_steps = 'abc' is invalid: expected null (epochs over the data) or an "
+                              "integer >= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps = 0 is invalid: expected null (epochs over the data) or an integer >= 1"),
+    ("optim.lr=-1", "optim.lr = -1.0 is invalid: expected a number > 0"),
+    ("trainer.precision=bf17", "trainer.precision = 'bf17' is invalid: expected one of auto | 32 | bf16-mixed | "
+                               "16-mixed"),
+    ("basic.weighting=quadratic", "basic.weighting = 'quadratic' is invalid: expected inc | const | dec"),
+    ("basic.degree=uniform", "basic.degree = 'uniform' is invalid: expected attention | equal"),
+    ("basic.das=maybe", "basic.das = 'maybe' is invalid: expected true or false"),
+    ("basic.lambda_sds=-0.5", "basic.lambda_sds = -0.5 is invalid: expected a number >= 0"),
+    ("data.template=chatml", "data.template = 'chatml' is invalid: expected one of null | plain | vicuna_v1"),
+    ("data.global_batch_size=100", "data.global_batch_size = 100 is invalid: expected a multiple of "
+                                   "data.micro_batch_size (16)"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(RecipeConfigError) as e:
+        load_config(BIG_7B, [override], stage=1)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("basic.layers=40", "basic.layers = 40 is invalid: expected null (num_layers // 2) or an integer in 1..32"),
+    ("parallel.tensor=3", "parallel.tensor = 3 is invalid: expected a size dividing the 32 attention heads"),
+    ("parallel.pipeline=4", "basic.layers = 16 is invalid: expected null or an integer <= 8"),
+    ("model.seq_length=500", "model.seq_length = 500 is invalid: expected an integer > 576"),
+    ("model.vision_arch=clip-vit-huge", "model.vision_arch = 'clip-vit-huge' is invalid: expected one of"),
+])
+def test_model_dependent_errors_name_the_key(override, message):
+    cfg = load_config(BIG_7B, [override], stage=1)
+    with pytest.raises(RecipeConfigError) as e:
+        M.check_model(cfg)
+    assert message in str(e.value)
+
+
+def test_machine_dependent_errors():
+    cfg = load_config(BIG_7B, ["trainer.devices=6"], stage=1)
+    with pytest.raises(RecipeConfigError, match=r"data\.global_batch_size = 256 is invalid: expected a multiple "
+                                                r"of micro_batch_size x data-parallel size = 16 x 6"):
+        resolve_runtime(cfg, cuda=True, gpus_per_node=8)
+    with pytest.raises(RecipeConfigError, match=r"trainer\.accelerator = 'gpu' is invalid.*CUDA is not available"):
+        resolve_runtime(cfg, cuda=False)
+    cpu = load_config(os.path.join(REPO, "conf", "tiny.yaml"), ["trainer.precision=bf16-mixed"], stage=1)
+    with pytest.raises(RecipeConfigError, match=r"trainer\.precision = 'bf16-mixed' is invalid: expected auto or 32"):
+        resolve_runtime(cpu, cuda=False)
+
+
+def test_stage_mismatch_and_stage2_start():
+    stage2 = os.path.join(REPO, "conf", "llava15_7b_stage2.yaml")
+    with pytest.raises(RecipeConfigError, match=r"run\.stage = 2 is invalid.*examples/basic_finetune\.py"):
+        load_config(stage2, stage=1)
+    with pytest.raises(RecipeConfigError, match=r"checkpoint\.init_from = 'x' is invalid: expected null"):
+        load_config(BIG_7B, ["checkpoint.init_from=x"], stage=1)
+
+
+def test_cli_reports_a_bad_key_before_heavy_work(tmp_path):
+    """The example exits with status 2 and the message; no run folder, no NeMo import."""
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "basic_pretrain.py"),
+                           "--config", os.path.join(REPO, "conf", "tiny.yaml"), f"run.log_dir={tmp_path}",
+                           "trainer.max_stepz=2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)" in proc.stderr
+    assert "nemo.collections" not in proc.stderr and list(tmp_path.iterdir()) == []
+    assert time.time() - t0 < 60
+
+
+def test_cli_check_reports_the_architecture():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "basic_finetune.py"),
+                           "--config", os.path.join(REPO, "conf", "llava15_13b_stage2.yaml"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "LLM 40 layers, hidden 5120" in out and "BASIC k = 20" in out and "total 13.351 B" in out
+    assert "precision bf16-mixed" in out and "data_parallel 2" in out and "grad_accumulation 32" in out
