@@ -207,3 +207,20 @@ def cached_entry(name: str, header: dict, build: Callable[[Path], dict], rebuild
             _HASHED[str(entry / rel)] = (st.st_size, st.st_mtime_ns, meta["sha256"])
         say(f"{name} ready in {time.perf_counter() - start:.1f} s: {entry}")
     return entry
+
+
+def cached_conversion(name: str, source: "WheelSource", converter_version: int | str,
+                      convert: Callable[[Path, Path], None], rebuild: bool = False) -> Path:
+    """`cached_entry` for a model converted from one file inside an installed wheel: the entry is
+    keyed on the converter version and the source file (wheel version, name, size), and records
+    the source's sha256. `convert(out_dir, source_file)` writes the converted files."""
+    source_file, version = source.locate()
+    header = {"converter_version": converter_version,
+              "source": {"distribution": source.distribution, "version": version, "file": source_file.name,
+                         "size": source_file.stat().st_size}}
+
+    def build(out: Path) -> dict:
+        convert(out, source_file)
+        return {"source_sha256": sha256_file(source_file)}
+
+    return cached_entry(name, header, build, rebuild=rebuild)

