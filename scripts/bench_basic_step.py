@@ -7,37 +7,43 @@
 
 The proxy keeps the ratios that set BASIC's cost (METHOD.md, "Expected cost"). For Vicuna-7B,
 L_sds costs 3·m·d·N multiply-adds against a step of ≈ 3·L·12·S·d², i.e. ∝ N / (L·d):
-32000 / (32·4096) = 0.244; here 2000 / (8·1024) = 0.244. Also kept: m = 576 image tokens, a
-text part of ~64 tokens (S = 639), k = L/2, 16 heads of 64, a Llama-style decoder (RMSNorm,
-SwiGLU with ffn = 2.6875·d as Llama's 11008 for 4096, no biases, RoPE, untied output head),
-micro-batch 1, fp32. The vision encoder is a cheap 2-layer ViT (hidden 64) on 96×96 images with
-4×4 patches (576 patches, class token dropped), identical in every variant; the projector is
-mlp2x_gelu 64 → 1024 → 1024.
+32000 / (32·4096) = 0.244; here 2000 / (8·1024) = 0.244. Also kept: m = 576 image tokens, 64
+text tokens (8 before the image, 56 after: S = 640), k = L/2 = 4, 16 heads of 64, a Llama-style
+decoder (RMSNorm, SwiGLU with ffn = 2.6875·d as Llama's 11008 for 4096, no biases, RoPE, untied
+output head), micro-batch 1, fp32. The vision encoder is a cheap 2-layer ViT (hidden 64) on 96×96
+images with 4×4 patches (576 patches, class token dropped), identical in every variant; the
+projector is mlp2x_gelu 64 → 1024 → 1024. The LM loss covers the 56 caption tokens.
 
 Variants (the same weights in all; a "step" is forward + backward of the loss, no optimizer):
   off        BasicConfig(enabled=False): exactly NeVA.
   on         BasicConfig(layers=k): L_das + L_sds, attention supervision degree.
-  equal      on, degree=equal: no attention mass (layers 1..k keep the model's own attention).
+  equal      on, degree=equal: no attention mass.
   equal_das  on, degree=equal, sds off: target capture + L_das only.
   off_lse    off, but layers 1..k run the log-sum-exp core attention that BASIC installs
-             (capture.attach_lse_attention, its output discarded): isolates the change of
-             attention kernel from BASIC's own work.
+             (capture.attach_lse_attention, the mass discarded): isolates the change of attention
+             kernel from BASIC's own work. On this CPU proxy the model's own core attention is
+             Megatron's local (eager S×S softmax) one, so `off` and `on` differ by a kernel too;
+             on/off_lse is BASIC's own cost. (The report says which variants ran the lse kernel.)
 Stage 1 freezes the vision encoder and the LLM (only the projector trains, so the LLM's weight
 gradients are never computed); stage 2 freezes only the vision encoder.
 
 Measurement (the helpers of scripts/bench_supervision.py): time = best of N alternating runs of
-all variants in one process after one warm-up each (fair when other jobs share the cores); memory
-= the step's own peak working memory (VmHWM − VmRSS before the step, after malloc_trim and a
-reset of the peak counter) in a fresh process per variant, gradients from a previous step
-dropped first (so parameter gradients count in the peak in stage 2). Then, for `on`, the BASIC
-pieces are timed directly (wrapped with timers, best over a few steps) and a torch.profiler diff
-of on vs off (per-op self CPU time, minimum over profiled steps) shows where the extra time goes.
+all variants in one process after warm-up (best_times), with each run's process CPU time and the
+median wall time beside it (CPU time does not grow while a run waits for a shared core); memory =
+the step's own peak working memory (VmHWM − VmRSS before the step, after malloc_trim and a reset
+of the peak counter) in a fresh process per variant, gradients of a previous step dropped first
+(so in stage 2 the parameter gradients count in the peak). Then, in another process: BASIC's
+pieces timed in place inside `on` steps (timers wrapped around its functions, best of a few
+steps), and torch.profiler op tables (grouped by op and input shapes, min self CPU time over the
+profiled steps): the ops `on` runs more often than `off_lse` are BASIC's own, attributed by exact
+call counts rather than by differences of noisy times; off vs off_lse shows the kernel swap.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +60,7 @@ from bench_supervision import best_times, peak_memory_mb  # noqa: E402
 
 SIZES = {
     "full": dict(hidden=1024, layers=8, heads=16, ffn=2752, vocab=2000, img=96, patch=4, vit_hidden=64,
-                 vit_layers=2, prompt=8, text=56, k=4, mbs=1, reps=5, profile_steps=2, component_steps=3),
+                 vit_layers=2, prompt=8, text=56, k=4, mbs=1, reps=10, profile_steps=2, component_steps=3),
     "quick": dict(hidden=256, layers=4, heads=4, ffn=688, vocab=500, img=32, patch=4, vit_hidden=32,
                   vit_layers=2, prompt=4, text=20, k=2, mbs=1, reps=3, profile_steps=2, component_steps=2),
 }
@@ -221,12 +227,14 @@ def worker_time(size: str, stage: int, reps: int) -> dict:
     # run waits for a core without accruing CPU time, so its minimum is steadier than the wall
     # time's (both reported; the OpenMP workers of libgomp stop spinning when oversubscribed).
     cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
 
     def step_fn(v):
         def run():
-            start = time.process_time()
+            start, start_cpu = time.perf_counter(), time.process_time()
             train_step(models[v], batch)
-            cpu[v].append(time.process_time() - start)
+            cpu[v].append(time.process_time() - start_cpu)
+            wall[v].append(time.perf_counter() - start)
         return run
 
     fns = {v: step_fn(v) for v in VARIANTS}
@@ -246,8 +254,10 @@ def worker_time(size: str, stage: int, reps: int) -> dict:
     capture_mod.sdpa_with_lse = original
     for v in VARIANTS:
         cpu[v].clear()
+        wall[v].clear()
     best = best_times(fns, reps)
     return {"time": best, "cpu": {v: min(cpu[v]) for v in VARIANTS},
+            "median": {v: statistics.median(wall[v][1:]) for v in VARIANTS},
             "lse_kernel_layers": {v: calls[v] for v in VARIANTS}, "load": os.getloadavg()}
 
 
@@ -398,19 +408,24 @@ def report_stage(size: str, stage: int, reps: int) -> None:
     for v in VARIANTS:
         peak.update(run_worker_process(f"memory:{v}", size, stage))
     timing = run_worker_process(f"time:{reps}", size, stage)
-    t, c, lse = timing["time"], timing["cpu"], timing["lse_kernel_layers"]
-    print(f"time: best of {reps} alternating runs after warm-up (wall, and process CPU time); "
+    t, c, lse, med = timing["time"], timing["cpu"], timing["lse_kernel_layers"], timing["median"]
+    print(f"time: best of {reps} alternating runs after warm-up (wall; process CPU time), median wall; "
           "memory: the step's working set, fresh process per variant")
     labels = {"off": "off (NeVA)", "on": "on (BASIC, k=%d)" % s["k"], "equal": "on, degree=equal",
               "equal_das": "on, degree=equal, sds off", "off_lse": "off + lse kernel in 1..k"}
     for v in VARIANTS:
-        print(f"  {labels[v]:27s}: wall {t[v]:7.3f} s x{t[v] / t['off']:.3f} | cpu {c[v]:7.3f} s "
-              f"x{c[v] / c['off']:.3f} | peak {peak[v]:7.1f} MB x{peak[v] / peak['off']:.3f}")
-    print(f"  => BASIC on/off: time x{t['on'] / t['off']:.3f} wall, x{c['on'] / c['off']:.3f} cpu "
-          f"(floor ~1.02, goal <= 1.05); peak memory x{peak['on'] / peak['off']:.3f}")
+        print(f"  {labels[v]:26s}: wall {t[v]:6.3f} s x{t[v] / t['off']:.3f} | cpu {c[v]:6.3f} s "
+              f"x{c[v] / c['off']:.3f} | median {med[v]:6.3f} s x{med[v] / med['off']:.3f} | "
+              f"peak {peak[v]:6.1f} MB x{peak[v] / peak['off']:.3f}")
+    print(f"  => BASIC on/off: time x{t['on'] / t['off']:.3f} wall, x{c['on'] / c['off']:.3f} cpu, "
+          f"x{med['on'] / med['off']:.3f} median (floor ~1.02, goal <= 1.05); "
+          f"peak memory x{peak['on'] / peak['off']:.3f}")
     print(f"     same attention kernels (on/off_lse): time x{t['on'] / t['off_lse']:.3f} wall, "
-          f"x{c['on'] / c['off_lse']:.3f} cpu; peak memory x{peak['on'] / peak['off_lse']:.3f}"
+          f"x{c['on'] / c['off_lse']:.3f} cpu, x{med['on'] / med['off_lse']:.3f} median; "
+          f"peak memory x{peak['on'] / peak['off_lse']:.3f}"
           f"   [load avg after timing: {', '.join(f'{x:.1f}' for x in timing['load'])}]")
+    print("     (on this CPU proxy `off` runs Megatron's eager S x S core attention and BASIC's layers 1..k a "
+          "fused flash kernel, so on/off mixes BASIC's cost with a kernel change; on/off_lse is BASIC's own)")
     print("  layers on BASIC's log-sum-exp attention kernel per step: "
           + ", ".join(f"{v} {lse[v]}" for v in VARIANTS))
     swap_eq = lse["equal"] == 0  # older capture: `equal` kept the model's own attention kernel
@@ -454,7 +469,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a fast smoke run")
     parser.add_argument("--stages", help="freezing regimes to run: 1, 2 or 1,2 (default 1,2; --quick: 1)")
-    parser.add_argument("--reps", type=int, help="timed runs per variant (default: full 5, quick 3)")
+    parser.add_argument("--reps", type=int, help="timed runs per variant (default: full 10, quick 3)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)

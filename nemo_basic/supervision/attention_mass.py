@@ -40,8 +40,18 @@ def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
     """
     heads, rows, dim = q.shape
     kv_heads = k.shape[0]
-    scores = torch.matmul(q.view(kv_heads, heads // kv_heads, rows, dim), k.unsqueeze(1).transpose(-1, -2))
+    scores = torch.matmul(q.reshape(kv_heads, heads // kv_heads, rows, dim), k.unsqueeze(1).transpose(-1, -2))
     return scores.view(heads, rows, k.shape[1]).mul_(scale)
+
+
+def _gather(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x[:, positions] for one sample's [H, S, D] (a view of Megatron's [S, B, H, D]) as fp32.
+
+    index_select along a strided middle dimension first copies the whole [H, S, D] to a contiguous
+    tensor; gathering along the sequence dimension of the [S, H, D] view reads only the wanted
+    rows (the profile of scripts/bench_basic_step.py showed the full copies).
+    """
+    return x.transpose(0, 1).index_select(0, positions).float().transpose(0, 1)
 
 
 def _text_rows_lse(
@@ -60,7 +70,7 @@ def _text_rows_lse(
     for start in range(0, rows.numel(), step):
         r = rows[start : start + step]
         visible = int(r[-1]) + 1
-        scores = _grouped_scores(q.index_select(1, r).float(), keys[:, :visible], scale)
+        scores = _grouped_scores(_gather(q, r), keys[:, :visible], scale)
         future = key_pos[None, :visible] > r[:, None]  # causal: row j must not see key i > j
         out.append(torch.logsumexp(scores.masked_fill_(future, float("-inf")), dim=-1))
     return torch.cat(out, dim=1)
@@ -138,7 +148,7 @@ def text_to_image_attention(
             if txt.numel() == 0:
                 continue
             # Gather the image keys first: all further work is O(n·m) per head.
-            k_img = key[b].index_select(1, img).float()
+            k_img = _gather(key[b], img)
             if lse is None:
                 row_lse = _text_rows_lse(query[b], key[b], txt, scale, chunk_rows)
             else:
@@ -147,7 +157,7 @@ def text_to_image_attention(
             step = _rows_per_chunk(heads, img.numel(), chunk_rows)
             for start in range(0, txt.numel(), step):
                 r = txt[start : start + step]
-                scores = _grouped_scores(query[b].index_select(1, r).float(), k_img, scale)
+                scores = _grouped_scores(_gather(query[b], r), k_img, scale)
                 scores.sub_(row_lse[:, start : start + step, None])
                 # Mask future keys to -inf *before* exp (exp of a masked score could overflow).
                 future = img[None, :] > r[:, None]
