@@ -29,7 +29,9 @@ gradients are never computed); stage 2 freezes only the vision encoder.
 
 Measurement (the helpers of scripts/bench_supervision.py): time = best of N alternating runs of
 all variants in one process after warm-up (best_times), with each run's process CPU time and the
-median wall time beside it (CPU time does not grow while a run waits for a shared core); memory =
+median wall time beside it (CPU time does not grow while a run waits for a shared core), and the
+ratio on/off_lse taken within each alternation round (median and quartiles over the rounds: the
+machine's drift cancels between neighbours in time, and the spread shows the noise); memory =
 the step's own peak working memory (VmHWM − VmRSS before the step, after malloc_trim and a reset
 of the peak counter) in a fresh process per variant, gradients of a previous step dropped first
 (so in stage 2 the parameter gradients count in the peak). Then, in another process: BASIC's
@@ -256,8 +258,17 @@ def worker_time(size: str, stage: int, reps: int) -> dict:
         cpu[v].clear()
         wall[v].clear()
     best = best_times(fns, reps)
+
+    def paired(num: str, den: str) -> list[float]:
+        # Ratio of the two variants' runs within each alternation round (run 0 is the warm-up):
+        # neighbours in time share the machine's state, so its drift cancels in each ratio.
+        ratios = sorted(n / d for n, d in zip(wall[num][1:], wall[den][1:]))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        return [quartiles[0], statistics.median(ratios), quartiles[-1]]
+
     return {"time": best, "cpu": {v: min(cpu[v]) for v in VARIANTS},
             "median": {v: statistics.median(wall[v][1:]) for v in VARIANTS},
+            "paired": {"on/off": paired("on", "off"), "on/off_lse": paired("on", "off_lse")},
             "lse_kernel_layers": {v: calls[v] for v in VARIANTS}, "load": os.getloadavg()}
 
 
@@ -424,6 +435,9 @@ def report_stage(size: str, stage: int, reps: int) -> None:
           f"x{c['on'] / c['off_lse']:.3f} cpu, x{med['on'] / med['off_lse']:.3f} median; "
           f"peak memory x{peak['on'] / peak['off_lse']:.3f}"
           f"   [load avg after timing: {', '.join(f'{x:.1f}' for x in timing['load'])}]")
+    pr = timing["paired"]
+    print("     paired per round (median [quartiles] of the rounds' wall-time ratios): "
+          + "; ".join(f"{k} x{v[1]:.3f} [{v[0]:.3f}, {v[2]:.3f}]" for k, v in pr.items()))
     print("     (on this CPU proxy `off` runs Megatron's eager S x S core attention and BASIC's layers 1..k a "
           "fused flash kernel, so on/off mixes BASIC's cost with a kernel change; on/off_lse is BASIC's own)")
     print("  layers on BASIC's log-sum-exp attention kernel per step: "
