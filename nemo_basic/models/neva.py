@@ -240,6 +240,14 @@ class BasicNevaConfig(NevaConfig):
                 f"basic.layers = {k} spans pipeline stages, which is not supported together with "
                 "sequence_parallel yet: lower basic.layers to the first stage's layers or turn "
                 "sequence_parallel off")
+        if self.basic.active and (self.calculate_per_token_loss or lm.calculate_per_token_loss):
+            # Megatron then skips the 1/num_microbatches of each loss and divides all gradients by
+            # the step's token count in finalize_model_grads; the aux losses, scaled per
+            # micro-batch at their attachment (capture.AuxLossAutoScaler), would silently shrink
+            # by that count.
+            raise BasicConfigError(
+                "calculate_per_token_loss = True is not supported with BASIC: its losses are "
+                "averaged per micro-batch; set calculate_per_token_loss = False or basic.enabled = False")
         return k
 
     def configure_model(self, tokenizer, vp_stage: Optional[int] = None) -> BasicMCoreNevaModel:

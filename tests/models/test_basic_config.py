@@ -40,6 +40,13 @@ def test_neva_config_rejects_unsupported_combinations():
     with pytest.raises(BasicConfigError, match=r"basic\.layers = 3 spans pipeline stages.*sequence_parallel"):
         spanning.validate_basic()
 
+    per_token = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2))
+    per_token.language_transformer_config.calculate_per_token_loss = True
+    with pytest.raises(BasicConfigError, match=r"calculate_per_token_loss = True is not supported"):
+        per_token.validate_basic()
+    per_token.basic = BasicConfig(enabled=False)  # plain NeVA: Megatron's own per-token mode applies
+    assert per_token.validate_basic() == 2
+
 
 def test_stage_of_layer_follows_megatrons_split():
     from types import SimpleNamespace
