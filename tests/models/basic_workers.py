@@ -51,9 +51,22 @@ def mixed_batch(seed: int = 7) -> tiny.Batch:
                       num_image_tiles=torch.ones(6, dtype=torch.int), text_lengths=torch.tensor([16, 20, 20]))
 
 
+def text_only_batch(seed: int = 9) -> tiny.Batch:
+    """Three text-only samples (the second right padded): a micro-batch with no image at all, as
+    the data module yields for LLaVA-665k's text-only conversations ([0, 3, H, W] media)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, tiny.VOCAB, (3, 20), generator=g)
+    ids[1, 12:] = 0
+    return tiny.Batch(input_ids=ids, labels=torch.randint(1, tiny.VOCAB, (3, 20), generator=g),
+                      loss_mask=torch.ones(3, 20), images=torch.zeros(0, 3, tiny.IMG, tiny.IMG),
+                      num_image_tiles=torch.ones(0, dtype=torch.int), text_lengths=torch.tensor([20, 12, 20]))
+
+
 def batches(kind: str) -> list:
     if kind == "mixed":
         return [mixed_batch(7), mixed_batch(8)]
+    if kind == "textonly":  # an image-free micro-batch first, then a mixed one
+        return [text_only_batch(9), mixed_batch(8)]
     return [tiny.tiny_batch(seed=i) for i in range(MICRO_BATCHES)]
 
 
@@ -151,7 +164,7 @@ def run_schedule(rank, world, tp: int, pp: int, k: int, kind: str, ref_path: str
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    mbs = 3 if kind == "mixed" else 2
+    mbs = 3 if kind in ("mixed", "textonly") else 2
     model = build(BasicConfig(layers=k), tp=tp, pp=pp, micro_batch_size=mbs, recompute=recompute)
     if save_path is not None:
         torch.save(model.state_dict(), save_path)
