@@ -30,6 +30,7 @@ from nemo_basic.export.llava import (  # noqa: E402
 )
 from nemo_basic.models.basic_config import BasicConfig  # noqa: E402
 from nemo_basic.models.builder import (  # noqa: E402
+    assemble_basic_neva_config,
     basic_neva_config_from_hf,
     image_seq_length,
     language_config_from_hf,
@@ -109,18 +110,12 @@ def neva_config_from_hf_llava(hf_dir: str | os.PathLike, basic: Optional[BasicCo
         drop = False
     else:
         raise ConversionError(f"vision_feature_select_strategy={strategy!r} is not supported")
-    kw = dict(freeze_vision_model=True, freeze_language_model=False, seq_length=seq_length,
-              tensor_model_parallel_size=tensor_model_parallel_size,
-              pipeline_model_parallel_size=pipeline_model_parallel_size)
-    if pipeline_model_parallel_size > 1:
-        kw["pipeline_dtype"] = torch.float32
-    kw.update(overrides)
-    config = BasicNevaConfig(
-        language_transformer_config=language, vision_transformer_config=vision,
-        vision_projection_config=projector_config("mlp2x_gelu", vision.hidden_size, language.hidden_size),
-        vision_feature_layer=cfg.vision_feature_layer, drop_vision_class_token=drop,
-        basic=basic if basic is not None else BasicConfig(), **kw)
-    config.validate_basic()
+    config = assemble_basic_neva_config(
+        language, vision, projector_config("mlp2x_gelu", vision.hidden_size, language.hidden_size), basic,
+        vision_feature_layer=cfg.vision_feature_layer, drop_vision_class_token=drop, seq_length=seq_length,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        **{"freeze_language_model": False, **overrides})
     facts = {"hf_text_vocab_size": int(text["vocab_size"]), "image_token_index": int(cfg.image_token_index),
              "hf_max_position_embeddings": text.get("max_position_embeddings")}
     return config, facts

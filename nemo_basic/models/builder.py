@@ -234,14 +234,30 @@ def basic_neva_config_from_hf(
         raise ValueError(f"vision_feature_layer={vision_feature_layer} is outside the encoder's "
                          f"{vision.num_hidden_layers + 1} hidden states")
     proj = projector_config(projector, vision.hidden_size, language.hidden_size)
-    kw = dict(freeze_vision_model=True, freeze_language_model=True, seq_length=seq_length,
+    return assemble_basic_neva_config(
+        language, vision, proj, basic, vision_feature_layer=vision_feature_layer,
+        drop_vision_class_token=drop_vision_class_token, seq_length=seq_length,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        **{"freeze_language_model": True, **overrides})
+
+
+def assemble_basic_neva_config(language, vision, projector, basic: Optional[BasicConfig], *,
+                               vision_feature_layer: int, drop_vision_class_token: bool, seq_length: int,
+                               tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                               **overrides: Any) -> BasicNevaConfig:
+    """The validated ``BasicNevaConfig`` around ready language / vision / projector configs.
+
+    The vision encoder is frozen unless ``overrides`` say otherwise; under pipeline parallelism
+    the exchanged activations take the language model's ``pipeline_dtype``."""
+    kw = dict(freeze_vision_model=True, seq_length=seq_length,
               tensor_model_parallel_size=tensor_model_parallel_size,
               pipeline_model_parallel_size=pipeline_model_parallel_size)
     if pipeline_model_parallel_size > 1:
         kw["pipeline_dtype"] = language.pipeline_dtype
     kw.update(overrides)
     config = BasicNevaConfig(language_transformer_config=language, vision_transformer_config=vision,
-                             vision_projection_config=proj, vision_feature_layer=vision_feature_layer,
+                             vision_projection_config=projector, vision_feature_layer=vision_feature_layer,
                              drop_vision_class_token=drop_vision_class_token,
                              basic=basic if basic is not None else BasicConfig(), **kw)
     config.validate_basic()
