@@ -12,14 +12,9 @@ import sys
 import time
 from typing import Dict
 
-from nemo_basic.recipes.train import METRICS_FILE, RECORDS_DIR  # noqa: E402
+from nemo_basic.recipes.train import METRICS_FILE, RECORDS_DIR, say  # noqa: E402
 
 LOSS_KEYS = {"lm loss": "lm_loss", "basic das loss": "basic_das_loss", "basic sds loss": "basic_sds_loss"}
-
-
-def say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[nemo_basic] {msg}", flush=True)
 
 
 def weight_digest(module) -> Dict[str, float]:
