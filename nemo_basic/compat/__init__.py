@@ -26,7 +26,7 @@ def cpu_backend_needed() -> bool:
 def apply() -> list[str]:
     """Apply what this machine needs; return the names of the patches now active."""
     applied = []
-    if torchvision_shim.apply() or torchvision_shim._LIBRARY is not None:
+    if torchvision_shim.apply() or torchvision_shim.active():
         applied.append("torchvision_shim")
     if cpu_backend_needed():
         from nemo_basic.compat import megatron_cpu
