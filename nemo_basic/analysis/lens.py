@@ -76,7 +76,7 @@ class HFLlava:
                                 "a LlavaForConditionalGeneration (vision encoder + projector + LLM)")
         if not (hf_dir / "preprocessor_config.json").is_file():
             raise AnalysisError(f"{hf_dir} has no preprocessor_config.json (the image processor)")
-        model = LlavaForConditionalGeneration.from_pretrained(str(hf_dir), torch_dtype=dtype, local_files_only=True,
+        model = LlavaForConditionalGeneration.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True,
                                                               attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
         processor = AutoImageProcessor.from_pretrained(str(hf_dir), local_files_only=True)
