@@ -1,4 +1,5 @@
-"""Llama-family language models between Hugging Face and Megatron-core (Llama, Vicuna, Mistral, SmolLM2).
+"""Decoder LLMs between Hugging Face and Megatron-core: Llama (Vicuna, SmolLM2, Llama-3.x), Mistral,
+Qwen2/2.5, Gemma, Phi-3 (per-family differences: ``nemo_basic.convert.families``).
 
 Megatron-core's GPT layout differs from Hugging Face's in four ways, all handled here:
 
@@ -28,6 +29,8 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from nemo_basic.convert.families import family_of_config
+
 logger = logging.getLogger(__name__)
 
 SPECS = ("local", "te")
@@ -38,7 +41,6 @@ NORM_KEYS = {
 }
 _HF_IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")   # buffers some older checkpoints saved
 _MCORE_IGNORABLE = re.compile(r"(^|\.)_extra_state$")         # TE / Megatron module metadata, not weights
-_SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,27 +77,16 @@ def llama_config_kwargs(hf_config: Any, **overrides: Any) -> dict:
     """
     from nemo_basic.compat import cpu_backend_needed
 
+    from nemo_basic.convert.families import family_config_kwargs, family_of_model_type
+
     cfg = _hf_config_dict(hf_config)
-    model_type = cfg.get("model_type", "llama")
-    if model_type not in _SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r}: this converter handles {_SUPPORTED_MODEL_TYPES}")
+    family = family_of_model_type(cfg.get("model_type", "llama"))
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                            "vocab_size") if cfg.get(k) is None]
     if missing:
         raise ValueError(f"Hugging Face config lacks {missing}")
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"hidden_act={act!r}: only SwiGLU (silu) Llama MLPs are supported")
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
-            raise ValueError(f"{flag}=True is not supported (Megatron config uses add_bias_linear=False)")
-    scaling = cfg.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ValueError(f"rope_scaling={scaling} is not supported (plain RoPE only)")
-    window = cfg.get("sliding_window")
-    if window is not None and cfg.get("use_sliding_window", True) and window < cfg.get("max_position_embeddings", 0):
-        logger.warning("sliding_window=%s is not reproduced: Megatron attends to the full causal context; "
-                       "keep sequences within %s tokens for identical results", window, window)
+    seq_length = overrides.get("seq_length", cfg.get("max_position_embeddings", 4096))
+    family_kw = family_config_kwargs(cfg, family, seq_length)
 
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
@@ -126,10 +117,15 @@ def llama_config_kwargs(hf_config: Any, **overrides: Any) -> dict:
         make_vocab_size_divisible_by=128,
         params_dtype=torch.float32,
     )
+    kw.update(family_kw)
     if cpu_backend_needed():  # fused kernels need CUDA / Transformer Engine
         kw.update(use_cpu_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
                   persist_layer_norm=False, bias_dropout_fusion=False, gradient_accumulation_fusion=False,
                   apply_rope_fusion=False, cross_entropy_loss_fusion=False)
+        if family.name == "gemma":  # NeMo's GemmaConfig asks TE for flash attention; Megatron's own here
+            from megatron.core.transformer.enums import AttnBackend
+
+            kw["attention_backend"] = AttnBackend.auto
     kw.update(overrides)
     hf_vocab = cfg["vocab_size"]
     if "vocab_size" not in overrides:
@@ -144,8 +140,10 @@ def llama_config_kwargs(hf_config: Any, **overrides: Any) -> dict:
 def hf_llama_config_to_nemo(hf_config: Any, **overrides: Any):
     """A ``nemo.collections.llm.LlamaConfig`` equal to the Hugging Face model's architecture.
 
+    The class is the family's NeMo config (``LlamaConfig``, ``Llama31Config``, ``Qwen2Config``,
+    ``GemmaConfig``, ``Phi3Config``) subclassed in ``nemo_basic.convert.nemo_configs``.
     ``config.vocab_size`` is the padded vocabulary (what ``configure_model`` builds); the
-    unpadded size is kept as the attribute ``config.hf_vocab_size`` (used on export). Fusion
+    unpadded size is the field ``config.hf_vocab_size`` (export, padding-logit mask). Fusion
     flags that need CUDA are off when the CPU backend is active. Call
     ``nemo_basic.compat.apply_nemo()`` before importing NeMo (done here).
     """
@@ -154,11 +152,16 @@ def hf_llama_config_to_nemo(hf_config: Any, **overrides: Any):
     compat.apply_nemo()
     from nemo.collections import llm
 
+    from nemo_basic.convert.families import family_of_model_type, nemo_config_class
+
     kw = llama_config_kwargs(hf_config, **overrides)
-    hf_vocab = kw.pop("hf_vocab_size")
-    config = llm.LlamaConfig(**kw)
-    config.hf_vocab_size = hf_vocab
-    return config
+    family = family_of_model_type(kw["hf_model_type"])
+    llama3 = kw.get("rope_llama3")
+    if llama3:  # NeMo's Llama31Config applies the scaling in configure_model
+        kw.update(scale_factor=llama3["factor"], low_freq_factor=llama3["low_freq_factor"],
+                  high_freq_factor=llama3["high_freq_factor"],
+                  old_context_len=llama3["original_max_position_embeddings"])
+    return nemo_config_class(family, llama3=bool(llama3))(**kw)
 
 
 def hf_llama_config_to_mcore(hf_config: Any, **overrides: Any):
@@ -170,15 +173,21 @@ def hf_llama_config_to_mcore(hf_config: Any, **overrides: Any):
 
 
 def nemo_llama_config_to_hf(config: Any, vocab_size: Optional[int] = None, **overrides: Any):
-    """A ``transformers.LlamaConfig`` for a Megatron / NeMo Llama config (the export direction).
+    """The ``transformers`` config of the family (``LlamaConfig``, ``MistralConfig``, ``Qwen2Config``,
+    ``GemmaConfig``, ``Phi3Config``) for a Megatron / NeMo config made by this converter (the export
+    direction; configs without ``hf_model_type`` are Llama).
 
     ``vocab_size`` defaults to ``config.hf_vocab_size`` when present, else ``config.vocab_size``.
     """
-    from transformers import LlamaConfig
+    import transformers
 
+    from nemo_basic.convert.families import family_of_config
+
+    family = family_of_config(config)
     if getattr(config, "normalization", "RMSNorm") != "RMSNorm" or not getattr(config, "gated_linear_unit", True):
-        raise ValueError("only RMSNorm + SwiGLU (Llama) configs map to a Hugging Face LlamaConfig")
+        raise ValueError(f"only RMSNorm + gated-MLP configs map to a Hugging Face {family.hf_config}")
     heads = config.num_attention_heads
+    head_dim = config.kv_channels or config.hidden_size // heads
     kw = dict(
         vocab_size=_export_vocab_size(config, vocab_size),
         hidden_size=config.hidden_size,
@@ -186,19 +195,35 @@ def nemo_llama_config_to_hf(config: Any, vocab_size: Optional[int] = None, **ove
         num_hidden_layers=config.num_layers,
         num_attention_heads=heads,
         num_key_value_heads=config.num_query_groups or heads,
-        head_dim=config.kv_channels or config.hidden_size // heads,
+        head_dim=head_dim,
         max_position_embeddings=config.seq_length,
         rms_norm_eps=config.layernorm_epsilon,
         rope_theta=float(config.rotary_base),
         tie_word_embeddings=bool(config.share_embeddings_and_output_weights),
         initializer_range=config.init_method_std,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-        architectures=["LlamaForCausalLM"],
+        hidden_act="gelu_pytorch_tanh" if family.gelu else "silu",
+        architectures=[family.hf_causal_lm],
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # the tokenizer's, passed by the caller
     )
+    window = getattr(config, "hf_sliding_window", None)
+    if family.name in ("llama", "gemma"):
+        kw.update(attention_bias=False)
+    if family.name == "llama":
+        kw.update(mlp_bias=False)
+        llama3 = getattr(config, "rope_llama3", None)
+        if llama3:
+            kw["rope_scaling"] = dict(rope_type="llama3", **llama3)
+    if family.name == "mistral":
+        kw["sliding_window"] = window
+    if family.name == "qwen2":
+        kw.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=config.num_layers)
+    if family.name == "phi3":
+        kw.update(sliding_window=window, original_max_position_embeddings=config.seq_length)
+    if family.name in ("qwen2", "phi3") and head_dim * heads != config.hidden_size:
+        raise ValueError(f"{family.hf_config} has head_dim = hidden_size / heads; this model has kv_channels="
+                         f"{head_dim} with hidden {config.hidden_size} and {heads} heads")
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    return getattr(transformers, family.hf_config)(**kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +369,7 @@ def hf_llama_to_mcore(hf_state_dict: Mapping[str, torch.Tensor], config: Any, sp
     else:
         head_key = next((k for k in hf_state_dict if k == "lm_head.weight" or k.endswith(".lm_head.weight")), None)
     get = _Source(hf_state_dict, "Hugging Face")
+    fam = family_of_config(config)
     P, Q = hf_prefix, prefix
     H, hd = s.hidden, s.head_dim
     out: dict[str, torch.Tensor] = {}
@@ -355,14 +381,25 @@ def hf_llama_to_mcore(hf_state_dict: Mapping[str, torch.Tensor], config: Any, sp
     in_norm, mlp_norm = NORM_KEYS[spec]
     for i in range(s.layers):
         a, m = f"{P}layers.{i}.", f"{Q}decoder.layers.{i}."
-        q = get(a + "self_attn.q_proj.weight", (s.heads * hd, H))
-        k = get(a + "self_attn.k_proj.weight", (s.groups * hd, H))
-        v = get(a + "self_attn.v_proj.weight", (s.groups * hd, H))
+        if fam.fused_qkv:  # Phi-3: qkv_proj = [q; k; v]
+            fused = get(a + "self_attn.qkv_proj.weight", ((s.heads + 2 * s.groups) * hd, H))
+            q, k, v = torch.split(fused, [s.heads * hd, s.groups * hd, s.groups * hd], dim=0)
+        else:
+            q = get(a + "self_attn.q_proj.weight", (s.heads * hd, H))
+            k = get(a + "self_attn.k_proj.weight", (s.groups * hd, H))
+            v = get(a + "self_attn.v_proj.weight", (s.groups * hd, H))
         out[m + "self_attention.linear_qkv.weight"] = pack_qkv(q, k, v, s.heads, s.groups)
+        if fam.qkv_bias:  # Qwen2
+            out[m + "self_attention.linear_qkv.bias"] = pack_qkv(
+                get(a + "self_attn.q_proj.bias", (s.heads * hd,)), get(a + "self_attn.k_proj.bias", (s.groups * hd,)),
+                get(a + "self_attn.v_proj.bias", (s.groups * hd,)), s.heads, s.groups)
         out[m + "self_attention.linear_proj.weight"] = get(a + "self_attn.o_proj.weight", (H, s.heads * hd))
-        gate = get(a + "mlp.gate_proj.weight", (s.ffn, H))
-        up = get(a + "mlp.up_proj.weight", (s.ffn, H))
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+        if fam.fused_gate_up:  # Phi-3: gate_up_proj = [gate; up], Megatron's fc1 layout already
+            out[m + "mlp.linear_fc1.weight"] = get(a + "mlp.gate_up_proj.weight", (2 * s.ffn, H))
+        else:
+            gate = get(a + "mlp.gate_proj.weight", (s.ffn, H))
+            up = get(a + "mlp.up_proj.weight", (s.ffn, H))
+            out[m + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
         out[m + "mlp.linear_fc2.weight"] = get(a + "mlp.down_proj.weight", (H, s.ffn))
         out[m + in_norm] = get(a + "input_layernorm.weight", (H,))
         out[m + mlp_norm] = get(a + "post_attention_layernorm.weight", (H,))
@@ -396,6 +433,7 @@ def mcore_to_hf_llama(mcore_state_dict: Mapping[str, torch.Tensor], config: Any,
     s = _shape(config)
     keep = _export_vocab_size(config, vocab_size)
     get = _Source(mcore_state_dict, "Megatron")
+    fam = family_of_config(config)
     P, Q = hf_prefix, prefix
     H, hd = s.hidden, s.head_dim
     qkv_rows = (s.heads + 2 * s.groups) * hd
@@ -407,11 +445,22 @@ def mcore_to_hf_llama(mcore_state_dict: Mapping[str, torch.Tensor], config: Any,
     for i in range(s.layers):
         a, m = f"{P}layers.{i}.", f"{Q}decoder.layers.{i}."
         q, k, v = unpack_qkv(get(m + "self_attention.linear_qkv.weight", (qkv_rows, H)), s.heads, s.groups, hd)
-        out[a + "self_attn.q_proj.weight"], out[a + "self_attn.k_proj.weight"] = q, k
-        out[a + "self_attn.v_proj.weight"] = v
+        if fam.fused_qkv:
+            out[a + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v], dim=0)
+        else:
+            out[a + "self_attn.q_proj.weight"], out[a + "self_attn.k_proj.weight"] = q, k
+            out[a + "self_attn.v_proj.weight"] = v
+        if fam.qkv_bias:
+            qb, kb, vb = unpack_qkv(get(m + "self_attention.linear_qkv.bias", (qkv_rows,)), s.heads, s.groups, hd)
+            out[a + "self_attn.q_proj.bias"], out[a + "self_attn.k_proj.bias"] = qb, kb
+            out[a + "self_attn.v_proj.bias"] = vb
         out[a + "self_attn.o_proj.weight"] = get(m + "self_attention.linear_proj.weight", (H, s.heads * hd))
-        gate, up = torch.split(get(m + "mlp.linear_fc1.weight", (2 * s.ffn, H)), s.ffn, dim=0)
-        out[a + "mlp.gate_proj.weight"], out[a + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+        fc1 = get(m + "mlp.linear_fc1.weight", (2 * s.ffn, H))
+        if fam.fused_gate_up:
+            out[a + "mlp.gate_up_proj.weight"] = fc1
+        else:
+            gate, up = torch.split(fc1, s.ffn, dim=0)
+            out[a + "mlp.gate_proj.weight"], out[a + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
         out[a + "mlp.down_proj.weight"] = get(m + "mlp.linear_fc2.weight", (H, s.ffn))
         out[a + "input_layernorm.weight"] = get(m + in_norm, (H,))
         out[a + "post_attention_layernorm.weight"] = get(m + mlp_norm, (H,))

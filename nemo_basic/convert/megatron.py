@@ -33,6 +33,9 @@ class MegatronLlamaConfig(TransformerConfig):
     rotary_base: float = 10000
     rotary_percent: float = 1.0
     share_embeddings_and_output_weights: bool = False
+    hf_model_type: str = "llama"
+    hf_sliding_window: Optional[int] = None
+    rope_llama3: Optional[dict] = None
 
 
 def build_gpt_model(config: Any, spec: str = "local", pre_process: bool = True, post_process: bool = True,
@@ -58,6 +61,22 @@ def build_gpt_model(config: Any, spec: str = "local", pre_process: bool = True, 
         raise ValueError(f"spec must be 'local' or 'te', got {spec!r}")
     if config.vocab_size is None:
         raise ValueError("config.vocab_size is None: set the padded vocabulary size")
+    from nemo_basic.convert.families import finish_gpt_model
+
+    zero_centered_local = spec == "local" and bool(getattr(config, "layernorm_zero_centered_gamma", False))
+    if zero_centered_local:  # WrappedTorchNorm asserts on the flag; finish_gpt_model makes the norms (1 + w)
+        config.layernorm_zero_centered_gamma = False
+    try:
+        model = _gpt_model(config, layer_spec, pre_process, post_process, parallel_output)
+    finally:
+        if zero_centered_local:
+            config.layernorm_zero_centered_gamma = True
+    return finish_gpt_model(model, config, zero_centered_local)
+
+
+def _gpt_model(config, layer_spec, pre_process, post_process, parallel_output):
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

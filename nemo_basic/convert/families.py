@@ -1,0 +1,240 @@
+"""The Hugging Face decoder families this converter maps to Megatron-core's GPT, one table each.
+
+Every family is Megatron's GPT block (RMSNorm, RoPE, gated MLP, grouped-query attention); a
+``Family`` row says where its Hugging Face checkpoint and config differ from Llama's, and which
+NeMo 2 config class it becomes. The weight layout is handled by ``nemo_basic.convert.llama``
+(which reads these rows), the model-level extras (Gemma's √d input scaling and zero-centred
+norms on the local spec) by :func:`finish_gpt_model`.
+
+=========  ==================  =====================================================================
+family     NeMo config         differences from Llama
+=========  ==================  =====================================================================
+llama      ``LlamaConfig`` /   Llama-3.x ``rope_scaling`` of type ``llama3``: ``Llama31Config``
+           ``Llama31Config``   (NeMo rescales ``inv_freq`` in ``configure_model``)
+mistral    ``LlamaConfig``     ``sliding_window``: accepted only when ``seq_length`` <= the window
+                               (then it never masks anything); otherwise a ``ValueError``
+qwen2      ``Qwen2Config``     q/k/v biases (``add_qkv_bias``); the small ones tie embeddings
+gemma      ``GemmaConfig``     norms scale by (1 + w) (``layernorm_zero_centered_gamma``), decoder
+                               input × √hidden, tanh-GELU gate (GeGLU), head_dim 256, multi-query,
+                               tied embeddings
+phi3       ``Phi3Config``      fused ``qkv_proj`` ([q; k; v]) and ``gate_up_proj`` ([gate; up]);
+                               ``rope_scaling`` (longrope / su) rejected
+=========  ==================  =====================================================================
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    nemo_config: str                 # class in nemo.collections.llm
+    hf_config: str                   # transformers config class (export)
+    hf_causal_lm: str                # transformers model class (export)
+    activations: tuple[str, ...]     # accepted HF hidden_act values
+    gelu: bool = False               # gated GELU (tanh) instead of SwiGLU
+    qkv_bias: bool = False           # q_proj / k_proj / v_proj carry biases
+    fused_qkv: bool = False          # HF self_attn.qkv_proj = [q; k; v]
+    fused_gate_up: bool = False      # HF mlp.gate_up_proj = [gate; up]
+    zero_centered_norm: bool = False  # HF norms compute x̂ · (1 + w)
+    scale_embedding: bool = False    # HF multiplies the decoder input by √hidden
+    rope_types: tuple[str, ...] = ("default",)
+    always_tied: bool = False
+
+
+FAMILIES = {f.name: f for f in (
+    Family("llama", ("llama",), "LlamaConfig", "LlamaConfig", "LlamaForCausalLM", ("silu", "swish"),
+           rope_types=("default", "llama3")),
+    Family("mistral", ("mistral",), "LlamaConfig", "MistralConfig", "MistralForCausalLM", ("silu", "swish")),
+    Family("qwen2", ("qwen2",), "Qwen2Config", "Qwen2Config", "Qwen2ForCausalLM", ("silu", "swish"), qkv_bias=True),
+    Family("gemma", ("gemma",), "GemmaConfig", "GemmaConfig", "GemmaForCausalLM",
+           ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"), gelu=True, zero_centered_norm=True,
+           scale_embedding=True, always_tied=True),
+    Family("phi3", ("phi3",), "Phi3Config", "Phi3Config", "Phi3ForCausalLM", ("silu", "swish"),
+           fused_qkv=True, fused_gate_up=True),
+)}
+SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_types)
+
+
+def family_of_model_type(model_type: Optional[str]) -> Family:
+    for f in FAMILIES.values():
+        if (model_type or "llama") in f.model_types:
+            return f
+    raise ValueError(f"unsupported model_type {model_type!r}: this converter handles {SUPPORTED_MODEL_TYPES}")
+
+
+def family_of_config(config: Any) -> Family:
+    """The family of a Megatron / NeMo config made by this converter (older ones: Llama)."""
+    return family_of_model_type(getattr(config, "hf_model_type", None) or "llama")
+
+
+# -- the config checks and fields that differ per family --------------------------------------
+def family_config_kwargs(cfg: dict, family: Family, seq_length: int) -> dict:
+    """Megatron config fields for ``family`` beyond the Llama ones, after checking the HF config
+    for features the Megatron model would not reproduce (``ValueError`` naming the field)."""
+    mt = cfg.get("model_type")
+    act = cfg.get("hidden_activation") if family.name == "gemma" and cfg.get("hidden_activation") else cfg.get(
+        "hidden_act", family.activations[0])
+    if act not in family.activations:
+        raise ValueError(f"{mt}: hidden_act={act!r} is not supported (expected one of {family.activations})")
+    for flag in ("mlp_bias",) + (() if family.qkv_bias else ("attention_bias",)):
+        if cfg.get(flag):
+            raise ValueError(f"{mt}: {flag}=True is not supported (Megatron config uses add_bias_linear=False)")
+    partial = cfg.get("partial_rotary_factor", 1.0)
+    if partial not in (None, 1.0):
+        raise ValueError(f"{mt}: partial_rotary_factor={partial} is not supported (rotary over the whole head only)")
+    kw: dict = {"hf_model_type": family.name}
+
+    scaling = cfg.get("rope_scaling") or None
+    rope_type = "default" if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in family.rope_types:
+        raise ValueError(f"{mt}: rope_scaling={scaling} is not supported: this converter reproduces "
+                         f"{family.rope_types} RoPE for {family.name} (Megatron would compute different "
+                         "positions); use a checkpoint without it")
+    if rope_type == "llama3":
+        kw["rope_llama3"] = dict(factor=float(scaling["factor"]),
+                                 low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+                                 high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+                                 original_max_position_embeddings=int(scaling.get(
+                                     "original_max_position_embeddings", 8192)))
+
+    window = cfg.get("sliding_window")
+    if family.name == "qwen2" and not cfg.get("use_sliding_window", False):
+        window = None
+    if window is not None:
+        if seq_length > window:
+            raise ValueError(f"{mt}: sliding_window={window} is smaller than seq_length={seq_length}: Megatron's "
+                             "attention here is full causal and would differ from the Hugging Face model; use "
+                             f"model.seq_length <= {window}")
+        kw["hf_sliding_window"] = int(window)
+
+    if family.qkv_bias:
+        kw["add_qkv_bias"] = True
+    if family.gelu:
+        kw["activation_func"] = _tanh_gelu()
+    if family.zero_centered_norm:
+        kw["layernorm_zero_centered_gamma"] = True
+    if family.always_tied:
+        kw["share_embeddings_and_output_weights"] = True
+    return kw
+
+
+def _tanh_gelu():
+    """NeMo's tanh-approximated GELU (what Gemma's ``gelu_pytorch_tanh`` computes); a plain torch
+    function when NeMo is not importable."""
+    try:
+        from nemo.collections.llm.fn.activation import openai_gelu
+
+        return openai_gelu
+    except ImportError:
+        return _gelu_tanh
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+# -- the NeMo config classes ---------------------------------------------------------------------
+_NEMO_CLASSES: dict = {}
+
+
+def nemo_config_class(family: Family, llama3: bool = False):
+    """Our subclass of NeMo's config for ``family``: NeMo's fields and ``configure_model`` plus the
+    Hugging Face facts (unpadded vocabulary, model type, sliding window) and :func:`finish_gpt_model`."""
+    import nemo_basic.compat as compat
+
+    compat.apply_nemo()
+    from nemo.collections import llm
+    from nemo.collections.llm.gpt.model.llama import Llama31Config
+
+    base_name = "Llama31Config" if llama3 else family.nemo_config
+    key = (family.name, base_name)
+    if key in _NEMO_CLASSES:
+        return _NEMO_CLASSES[key]
+    from nemo_basic.convert import nemo_configs
+
+    cls = getattr(nemo_configs, f"HF{family.name.capitalize()}{'Llama3' if llama3 else ''}Config")
+    assert issubclass(cls, Llama31Config if llama3 else getattr(llm, base_name)), (cls, base_name)
+    _NEMO_CLASSES[key] = cls
+    return cls
+
+
+def local_norms_zero_centered(config: Any) -> bool:
+    """Gemma on Megatron's local spec: ``WrappedTorchNorm`` rejects ``layernorm_zero_centered_gamma``,
+    so the model is built without it and :func:`finish_gpt_model` makes its norms compute (1 + w).
+    With Transformer Engine (the GPU spec) the flag is honoured by TE's norms."""
+    if not getattr(config, "layernorm_zero_centered_gamma", False):
+        return False
+    try:
+        from nemo.collections.llm.gpt.model.base import HAVE_TE, default_layer_spec
+    except ImportError:
+        return True
+    return not (HAVE_TE and getattr(config, "transformer_layer_spec", default_layer_spec) is default_layer_spec)
+
+
+class ZeroCenteredRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` whose weight is stored zero-centred: y = x̂ · (1 + w), as HF Gemma
+    (the normalisation in fp32, cast back, as ``GemmaRMSNorm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.rms_norm(x.float(), self.normalized_shape, None, self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def finish_gpt_model(model: torch.nn.Module, config: Any, zero_centered_local: bool) -> torch.nn.Module:
+    """The model-level parts of a family that a Megatron config cannot express.
+
+    * Gemma on the local spec: every ``torch.nn.RMSNorm`` becomes :class:`ZeroCenteredRMSNorm`
+      (same parameter, same state-dict key);
+    * Gemma: the decoder input (text embeddings and, in LLaVA, the projected image features, as HF
+      LLaVA feeds both through ``GemmaModel``) is multiplied by √hidden on the first stage;
+    * a padded vocabulary: the padding logits are masked out of the LM softmax
+      (``nemo_basic.models.lm_loss``)."""
+    family = family_of_config(config)
+    if zero_centered_local:
+        for m in model.modules():
+            if type(m) is torch.nn.RMSNorm:
+                m.__class__ = ZeroCenteredRMSNorm
+    if family.scale_embedding and getattr(model, "pre_process", False):
+        model.decoder.register_forward_pre_hook(_EmbeddingScale(config.hidden_size), with_kwargs=True)
+    if getattr(config, "rope_llama3", None) and getattr(model, "rotary_pos_emb", None) is not None \
+            and not getattr(config, "_nemo_applies_rope_scaling", False):
+        model.rotary_pos_emb.inv_freq = llama3_inv_freq(model.rotary_pos_emb.inv_freq, **config.rope_llama3)
+    from nemo_basic.models.lm_loss import install_padded_vocab_mask
+
+    install_padded_vocab_mask(model, getattr(config, "hf_vocab_size", None))
+    return model
+
+
+class _EmbeddingScale:
+    def __init__(self, hidden: int):
+        self.scale = hidden ** 0.5
+
+    def __call__(self, module, args, kwargs):
+        x = kwargs.get("hidden_states") if "hidden_states" in kwargs else (args[0] if args else None)
+        if x is None or not module.pre_process:
+            return None
+        x = x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)  # HF: the normalizer in the input dtype
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = x
+            return args, kwargs
+        return (x, *args[1:]), kwargs
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama-3.x RoPE frequencies: wavelengths beyond the original context are stretched by
+    ``factor``, short ones kept, and the band between interpolated linearly in 1 / wavelength."""
+    wavelength = 2 * torch.pi / inv_freq
+    long_edge = original_max_position_embeddings / low_freq_factor
+    short_edge = original_max_position_embeddings / high_freq_factor
+    t = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - t) * inv_freq / factor + t * inv_freq
+    out = torch.where(wavelength > long_edge, inv_freq / factor, inv_freq)
+    middle = (wavelength >= short_edge) & (wavelength <= long_edge)
+    return torch.where(middle, blended, out)
