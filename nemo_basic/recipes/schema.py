@@ -242,6 +242,19 @@ class CheckpointConfig:
     async_save: bool = F(False, doc="asynchronous checkpoint saving (GPU)", **boolean())
 
 
+# -- analysis (issue 12): the alignment monitor during training (nemo_basic.analysis.callback) --
+@dataclass
+class AnalysisConfig:
+    every_n_steps: Optional[int] = F(None, doc="log the layer-0 lens metrics of a fixed probe set of scenes every N "
+                                               "steps (and at the last step); null: off",
+                                     **int_range(1, nullable=True, what=" (off)"))
+    scenes: int = F(8, doc="synthetic scenes in the probe set (fixed for the run)", **int_range(1))
+    seed: int = F(0, doc="seed of the probe scenes (a stream the training data never uses)", **int_range(0))
+    pictures: bool = F(True, doc="also write the lens picture of the first scene at each analysis step",
+                       **boolean())
+# -- end analysis --
+
+
 @dataclass
 class RecipeConfig:
     base: Optional[str] = F(None, doc="YAML this one starts from (resolved when loading)", **text(nullable=True))
@@ -253,6 +266,7 @@ class RecipeConfig:
     parallel: ParallelConfig = F(factory=ParallelConfig)
     optim: OptimConfig = F(factory=OptimConfig)
     checkpoint: CheckpointConfig = F(factory=CheckpointConfig)
+    analysis: AnalysisConfig = F(factory=AnalysisConfig)  # issue 12
 
     # -- derived settings ---------------------------------------------------------------------------
     @property

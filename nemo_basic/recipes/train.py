@@ -241,6 +241,12 @@ def run(cfg: RecipeConfig) -> dict:
     callbacks = [progress, TimingCallback()]
     if cfg.trainer.stop_after_steps is not None:
         callbacks.append(StopAfterSteps(stage=cfg.run.stage, steps=cfg.trainer.stop_after_steps, max_steps=max_steps))
+    if cfg.analysis.every_n_steps:  # issue 12: layer-0 lens metrics of a probe set, beside the losses
+        from nemo_basic.analysis.callback import AlignmentMonitor
+
+        callbacks.append(AlignmentMonitor(every_n_steps=cfg.analysis.every_n_steps, max_steps=max_steps,
+                                          run_dir=run_dir, scenes=cfg.analysis.scenes, seed=cfg.analysis.seed,
+                                          pictures=cfg.analysis.pictures, stage=cfg.run.stage))
     trainer = build_trainer(cfg, runtime, max_steps, callbacks)
     history, params = progress.history, progress.params
     logger = build_logger(cfg, max_steps)
