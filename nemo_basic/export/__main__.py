@@ -60,9 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-hf", help="our checkpoint -> HF LlavaForConditionalGeneration directory")
     p.add_argument("--checkpoint", required=True, help="our (NeMo 2) checkpoint directory")
     p.add_argument("--out", required=True, help="HF directory to write")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="weights dtype (default bfloat16, as llava-hf ships; float32 for exact logits)")
+    p.add_argument("--chat-template", default=None, choices=("plain", "vicuna_v1", "tokenizer"),
+                   help="chat template (default: the training data's template recorded in the checkpoint; "
+                        "'tokenizer': the LLM's own text template)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="shard the safetensors above this size (model.safetensors.index.json), e.g. 5GB, 500MB")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
-    p.add_argument("--image-processor", default=None, help="image processor directory (default: the config's)")
+    p.add_argument("--image-processor", default=None,
+                   help="image processor directory (default: the one training recorded with the checkpoint)")
     p.add_argument("--image-token", default=None, help="image placeholder token (default: recorded or <image>)")
     p.add_argument("--overwrite", action="store_true")
     return parser
@@ -92,7 +99,8 @@ def main(argv=None) -> int:
 
             export_hf_llava(args.checkpoint, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer,
                             image_processor_dir=args.image_processor, image_token=args.image_token,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, chat_template=args.chat_template,
+                            max_shard_size=args.max_shard_size)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from nemo_basic import compat
 compat.apply_nemo()
 
 from nemo_basic.convert import convert_mcore_spec, load_mcore_state_dict  # noqa: E402
+from nemo_basic.export import serving  # noqa: E402
 from nemo_basic.export.checkpoint import (  # noqa: E402
     CheckpointError,
     load_checkpoint_context,
@@ -48,7 +49,6 @@ from nemo_basic.models.vision import (  # noqa: E402
     HFVisionEncoderConfig,
     default_image_processor,
     image_processor_dict,
-    image_processor_for,
     load_image_processor,
 )
 
@@ -197,6 +197,13 @@ def init_from_hf(llm_dir: str | os.PathLike, vision_dir: str | os.PathLike, out:
 
     vision = vision_config_from_hf(vision_dir, image_size=builder_kwargs.pop("image_size", None),
                                    load_weights=False)
+    if vision.image_processor is not None:  # store the processor at the input size the model takes
+        from nemo_basic.models.vision import image_processor_from_dict
+
+        resized = serving.processor_at_size(image_processor_from_dict(vision.image_processor), vision.image_size)
+        vision = HFVisionEncoderConfig(hf_config=vision.hf_config, image_size=vision.image_size,
+                                       image_processor=image_processor_dict(resized),
+                                       attn_implementation=vision.attn_implementation)
     config = basic_neva_config_from_hf(llm_dir, vision, basic=basic, **builder_kwargs)
     tokenizer = tokenizer_from_hf(llm_dir)
     hf_vocab = read_hf_config(llm_dir)["vocab_size"]
@@ -269,39 +276,20 @@ def load_neva_from_checkpoint(ckpt: str | os.PathLike, config_overrides: Optiona
 # ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
-def _write_safetensors(state: dict, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    from safetensors.torch import save_file
-
-    items = sorted(state.items())
-    shards, current, size = [], {}, 0
-    for key, value in items:
-        n = value.numel() * value.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = value
-        size += n
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        for key, value in shard.items():
-            weight_map[key] = name
-            total += value.numel() * value.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def export_hf_llava(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+def export_hf_llava(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
                     tokenizer_dir: Optional[str | os.PathLike] = None,
                     image_processor_dir: Optional[str | os.PathLike] = None, image_token: Optional[str] = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, chat_template: Optional[str] = None,
+                    max_shard_size: int | str = serving.DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Our checkpoint → an HF ``LlavaForConditionalGeneration`` directory (safetensors, config,
-    generation config, tokenizer with the image token, image processor, LLaVA processor).
+    generation config, tokenizer with the image token, image processor, LLaVA processor with a chat
+    template) that transformers and vLLM load as it is.
+
+    What training recorded with the checkpoint (:mod:`nemo_basic.export.record`) fills in the image
+    processor, the chat template (``plain`` / ``vicuna_v1``, the training data's) and the LLM's
+    ``max_position_embeddings``; arguments override it (``chat_template="tokenizer"`` keeps the
+    LLM tokenizer's own template). Weights in ``dtype`` (bfloat16 by default, as llava-hf ships),
+    sharded above ``max_shard_size`` bytes (or "5GB"-style), files mode 0644.
 
     The image token: ``image_token`` if given, else the one recorded at import, else ``<image>``;
     added to the tokenizer when missing (embedding row zero; LLaVA replaces that row's input by
@@ -320,10 +308,14 @@ def export_hf_llava(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torc
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
         shutil.rmtree(out)
+    max_shard_bytes = serving.parse_size(max_shard_size)
+    if chat_template is not None and chat_template not in serving.CHAT_TEMPLATES:
+        raise ValueError(f"chat template {chat_template!r}: choose one of {serving.CHAT_TEMPLATES}")
     meta = read_metadata(ckpt)
     say(f"reading {ckpt}/context")
     model = load_checkpoint_context(ckpt)
     config = model.config
+    record = serving.read_serving_record(ckpt)
     if tokenizer_dir is not None:
         tokenizer = tokenizer_from_hf(tokenizer_dir).tokenizer
     else:
@@ -351,29 +343,60 @@ def export_hf_llava(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torc
     hf_state = mcore_to_hf_llava(full, config, spec, rows, dtype=dtype)
     pad_id = tokenizer.pad_token_id
     text_overrides = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    if meta.get("hf_max_position_embeddings"):
-        text_overrides["max_position_embeddings"] = int(meta["hf_max_position_embeddings"])
+    context = _source_max_position_embeddings(model, meta, record, tokenizer)
+    if context is None:
+        say(f"the source LLM's max_position_embeddings is not known (no training record, no import metadata, "
+            f"no LLM config.json found); writing the training seq_length {config.language_transformer_config.seq_length}")
+    else:
+        text_overrides["max_position_embeddings"] = context
     hf_config = hf_llava_config(config, rows, image_id, dtype, pad_token_id=pad_id, **text_overrides)
 
-    if image_processor_dir is not None:
-        processor_img = load_image_processor(image_processor_dir)
-    else:
-        processor_img = image_processor_for(config.vision_transformer_config)
     vision = config.vision_transformer_config
+    processor_img = serving.export_image_processor(vision, record, image_processor_dir)
+    template = chat_template or record.get("template")
+    if template is None:
+        template = "vicuna_v1"
+        say("the checkpoint records no training template; writing the vicuna_v1 chat template "
+            "(LLaVA-1.5's; --chat-template plain|vicuna_v1|tokenizer to choose)")
+    if template == "tokenizer":
+        jinja = getattr(tokenizer, "chat_template", None)
+    else:
+        jinja = serving.chat_template(template, token, tokenizer.eos_token,
+                                      tokenizer.bos_token if serving.adds_bos(tokenizer) else None)
+        tokenizer.chat_template = jinja
     say(f"writing {out}")
     out.mkdir(parents=True)
     hf_config.save_pretrained(str(out))
-    _write_safetensors(hf_state, out)
+    serving.write_safetensors(hf_state, out, max_shard_bytes)
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=pad_id).save_pretrained(str(out))
     processor = LlavaProcessor(image_processor=processor_img, tokenizer=tokenizer, patch_size=vision.patch_size,
                                vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
                                image_token=token, num_additional_image_tokens=vision.class_token_len,
-                               chat_template=getattr(tokenizer, "chat_template", None))
+                               chat_template=jinja)
     processor.save_pretrained(str(out))
+    serving.normal_file_modes(out)
     say(f"done: {out} ({len(hf_state)} tensors, {dtype}, image token {token!r} = {image_id}, "
-        f"{image_seq_length(config)} image tokens per image)")
+        f"{image_seq_length(config)} image tokens per image, chat template {template}, "
+        f"context {hf_config.text_config.max_position_embeddings})")
     return out
+
+
+def _source_max_position_embeddings(model, meta: dict, record: dict, tokenizer) -> Optional[int]:
+    """The source LLM's context length: recorded at training, else at import, else the LLM
+    directory the run loaded (when it still exists)."""
+    from nemo_basic.export.record import llm_max_position_embeddings
+
+    for value in (record.get("max_position_embeddings"), meta.get("hf_max_position_embeddings")):
+        if value:
+            return int(value)
+    for directory in ((getattr(model, "pretrained", None) or {}).get("llm_dir"),
+                      getattr(tokenizer, "name_or_path", None)):
+        if directory and Path(directory).is_dir():
+            value = llm_max_position_embeddings(directory)
+            if value:
+                return value
+    return None
 
 
 __all__ = [

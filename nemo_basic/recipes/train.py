@@ -241,6 +241,8 @@ def run(cfg: RecipeConfig) -> dict:
     callbacks = [progress, TimingCallback()]
     if cfg.trainer.stop_after_steps is not None:
         callbacks.append(StopAfterSteps(stage=cfg.run.stage, steps=cfg.trainer.stop_after_steps, max_steps=max_steps))
+    from nemo_basic.export.record import serving_callbacks  # image processor, template, LLM context: for export-hf
+    callbacks += serving_callbacks(cfg, processor, llm_dir)
     if cfg.analysis.every_n_steps:  # issue 12: layer-0 lens metrics of a probe set, beside the losses
         from nemo_basic.analysis.callback import AlignmentMonitor
 

@@ -58,7 +58,7 @@ def exported(imported, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("export") / "hf"
     ensure_model_parallel()
-    assert main(["export-hf", "--checkpoint", str(imported), "--out", str(out)]) == 0
+    assert main(["export-hf", "--checkpoint", str(imported), "--out", str(out), "--dtype", "float32"]) == 0
     return out
 
 
@@ -321,3 +321,93 @@ def test_errors_name_the_missing_piece(imported, llava_dir, tmp_path, capsys):
     del sd["language_model.model.layers.1.post_attention_layernorm.weight"]
     with pytest.raises(KeyError, match="layers.1.post_attention_layernorm.weight"):
         hf_llava_to_mcore(sd, config)
+
+
+# -- what serving engines read -------------------------------------------------------------------------
+def test_vllm_llava_loader_contract(exported, imported):
+    """What vLLM's LLaVA loader reads, from its source: vllm/model_executor/models/llava.py and
+    vision.py (vllm-project/vllm main, llava.py at 35d3c24b11a0, vision.py at b3bbd9489ca2, 2026):
+    ``init_vision_tower_for_llava`` builds CLIP / SigLIP / Pixtral towers only; the projector from
+    ``projector_hidden_act`` and ``multimodal_projector_bias``; the LM from ``text_config`` (its
+    ``architectures``); ``LlavaProcessingInfo`` takes the processor's ``image_token`` and
+    ``patch_size`` and counts ``get_num_selected_vision_tokens(encoder tokens, strategy)`` image
+    tokens (CLIP: (image_size // patch_size)^2 + 1, "default" drops one); pixel values must be
+    ``vision_config.image_size`` square; ``hf_to_vllm_mapper`` renames the four checkpoint prefixes
+    below and ``packed_modules_mapping`` fuses q/k/v and gate/up projections."""
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaProcessor, SiglipVisionConfig
+
+    config = LlavaConfig.from_pretrained(str(exported))
+    assert isinstance(config.vision_config, (CLIPVisionConfig, SiglipVisionConfig))
+    assert isinstance(config.image_token_index, int) and isinstance(config.vision_feature_layer, int)
+    assert config.vision_feature_select_strategy in ("default", "full")
+    assert config.projector_hidden_act == "gelu" and config.multimodal_projector_bias is True
+    assert config.text_config.architectures == ["LlamaForCausalLM"]
+    assert config.text_config.max_position_embeddings == W.llama_config().max_position_embeddings  # 256, not 128
+
+    processor = LlavaProcessor.from_pretrained(str(exported))
+    assert processor.tokenizer.convert_tokens_to_ids(processor.image_token) == config.image_token_index
+    assert processor.patch_size == config.vision_config.patch_size
+    assert processor.vision_feature_select_strategy == config.vision_feature_select_strategy
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    encoder_tokens = grid * grid + (1 if isinstance(config.vision_config, CLIPVisionConfig) else 0)
+    vllm_tokens = encoder_tokens - (1 if config.vision_feature_select_strategy == "default" else 0)
+    image = Image.fromarray((np.random.default_rng(1).random((33, 47, 3)) * 255).astype("uint8"))
+    inputs = processor(images=image, text="w5 <image> w6", return_tensors="pt")
+    assert int((inputs["input_ids"] == config.image_token_index).sum()) == vllm_tokens == config.image_seq_length
+    size = config.vision_config.image_size
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, size, size)
+
+    prefixes = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.", "lm_head.")
+    index = exported / "model.safetensors.index.json"
+    files = sorted(json.loads(index.read_text())["weight_map"].values()) if index.exists() else ["model.safetensors"]
+    names = set()
+    for name in set(files):
+        with safe_open(str(exported / name), "pt") as f:
+            names |= set(f.keys())
+    assert all(n.startswith(prefixes) for n in names), sorted(n for n in names if not n.startswith(prefixes))
+    assert {n for n in names if n.startswith("model.multi_modal_projector.")} == {
+        f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    assert all(n.startswith("model.vision_tower.vision_model.") for n in names if n.startswith("model.vision_tower."))
+    layer = {n.split(".", 4)[4] for n in names if n.startswith("model.language_model.layers.0.")}
+    assert layer == {"input_layernorm.weight", "post_attention_layernorm.weight", "mlp.down_proj.weight",
+                     "mlp.gate_proj.weight", "mlp.up_proj.weight", "self_attn.k_proj.weight", "self_attn.o_proj.weight",
+                     "self_attn.q_proj.weight", "self_attn.v_proj.weight"}
+    assert {"model.language_model.embed_tokens.weight", "model.language_model.norm.weight"} <= names
+    assert ("lm_head.weight" in names) != bool(config.tie_word_embeddings)
+
+
+def test_default_export_is_bf16_normal_modes_and_shards(imported, exported, tmp_path):
+    """No flags: bfloat16 weights (as llava-hf ships), 0644 files; above --max-shard-size the weights
+    are shards with transformers' index, and load to the same tensors as one file."""
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    from nemo_basic.export.__main__ import main
+
+    ensure_model_parallel()
+    single, sharded = tmp_path / "bf16", tmp_path / "sharded"
+    assert main(["export-hf", "--checkpoint", str(imported), "--out", str(single)]) == 0
+    assert json.loads((single / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(single / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    for path in [*single.iterdir(), *exported.iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+    assert main(["export-hf", "--checkpoint", str(imported), "--out", str(sharded), "--dtype", "float32",
+                 "--max-shard-size", "60KB"]) == 0
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (sharded / "model.safetensors").exists()
+    assert shards == sorted(p.name for p in sharded.glob("model-*-of-*.safetensors"))
+    total = 0
+    for name in shards:
+        with safe_open(str(sharded / name), "pt") as f:
+            assert all(index["weight_map"][k] == name for k in f.keys())
+            total += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+        assert (sharded / name).stat().st_size <= 60_000 + 20_000 or len(f.keys()) == 1  # one tensor may exceed
+    assert index["metadata"]["total_size"] == total
+    a, b = _hf_state(sharded), _hf_state(exported)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
