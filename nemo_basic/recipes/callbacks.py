@@ -78,11 +78,13 @@ class RecipeProgress(_base()):
         self.t0 = None
         self.tokens0 = 0
         self.start_step = 0
+        self.train_started = False
         self.started = time.time()
         self.pending = None
 
     def on_train_start(self, trainer, pl_module):
         self.start_step = trainer.global_step
+        self.train_started = True
         self.started = time.time()
         self.params["trainable"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self.params["total"] = sum(p.numel() for p in pl_module.parameters())
@@ -110,14 +112,14 @@ class RecipeProgress(_base()):
         pl_module.log("throughput/step_time_s", dt, batch_size=1, rank_zero_only=True)
         self.pending = (trainer.global_step, dt, sps, tps)
 
+    def on_exception(self, trainer, pl_module, exception):
+        self.flush(trainer)  # the last step's line (a stop by a signal)
+
     def on_train_end(self, trainer, pl_module):
         self.flush(trainer)
         self.params["digest_end"] = weight_digest(pl_module)
-        cb = trainer.checkpoint_callback  # NeMo's own on_train_end skips some steps (val_check_interval)
-        if cb is not None and trainer.global_step > self.start_step:
-            candidates = cb._monitor_candidates(trainer)
-            if cb.last_model_path != cb.format_checkpoint_name(candidates, cb.CHECKPOINT_NAME_LAST):
-                cb._save_last_checkpoint(trainer, candidates)
+        if trainer.global_step > self.start_step:  # NeMo's own on_train_end skips some steps
+            save_now(trainer)
 
     def flush(self, trainer):
         if self.pending is None:
@@ -152,6 +154,111 @@ class RecipeProgress(_base()):
             tqdm.write(line, file=sys.stdout)
         except Exception:  # pragma: no cover
             print(line, flush=True)
+
+
+def save_now(trainer) -> None:
+    """A checkpoint of the current step (top-k name and "-last" link), unless one was saved at this
+    step. Lightning's "-last" alone would only link the previous save when ``every_n_steps`` does
+    not divide the step, and name it after the current one."""
+    cb = trainer.checkpoint_callback
+    if cb is None:
+        return
+    candidates = cb._monitor_candidates(trainer)
+    if getattr(cb, "_last_global_step_saved", None) != trainer.global_step:
+        cb._save_topk_checkpoint(trainer, candidates)
+    if cb.last_model_path != cb.format_checkpoint_name(candidates, cb.CHECKPOINT_NAME_LAST):
+        cb._save_last_checkpoint(trainer, candidates)
+    io = getattr(trainer.strategy, "checkpoint_io", None)
+    if hasattr(io, "maybe_finalize_save_checkpoint"):  # an asynchronous save: wait for it
+        io.maybe_finalize_save_checkpoint(blocking=True)
+
+
+class Preemption(_base()):
+    """SIGTERM / SIGUSR1 (Slurm's preemption, ``scancel``, a time limit with ``--signal``): finish the
+    step, save a checkpoint, stop; `nemo_basic.recipes.train.run` then exits non-zero so that the job
+    is requeued (NeMo-Run and sbatch wrappers requeue on a non-zero exit). SIGINT (Ctrl-C) keeps
+    Lightning's immediate stop and says which step was reached and where a rerun resumes.
+
+    A replacement of NeMo's ``PreemptionCallback``, which reads ``torch.cuda.current_device()`` (no
+    CPU runs) and ends with ``sys.exit(0)`` (no requeue). Every rank records the signal; the flag is
+    combined over ranks at each step boundary, so all ranks stop at the same step."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, stage: int, run_dir: str):
+        super().__init__()
+        self.stage, self.run_dir = stage, run_dir
+        self.received = None  # name of the first signal seen
+        self.preempted = None  # name of the signal that stopped the run (after the save)
+        self.saved = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        import signal
+
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def _install(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                old = signal.signal(sig, self._handler)
+                self._previous.setdefault(sig, old)
+
+    def setup(self, trainer, pl_module, stage=None):
+        # before Lightning registers its own: it then leaves SIGUSR1 alone (its Slurm handler would requeue
+        # by itself and save elsewhere)
+        self._install()
+
+    def on_train_start(self, trainer, pl_module):
+        # Lightning's SIGTERM handler (installed after `setup`) would end the loop with SystemExit(0)
+        # before the save: ours alone from here on
+        self._install()
+
+    def teardown(self, trainer, pl_module, stage=None):
+        import signal
+
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+        self._previous = {}
+
+    def _any_rank(self, trainer) -> bool:
+        import torch
+
+        flag = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = "cpu"
+            if torch.distributed.get_backend() == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.preempted or not self._any_rank(trainer):
+            return
+        self.preempted = self.received or "SIGTERM"
+        say(f"stage {self.stage}: {self.preempted} received: saving a checkpoint at step {trainer.global_step}")
+        save_now(trainer)
+        self.saved = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
+        trainer.should_stop = True
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            from nemo_basic.recipes import resume as resume_mod
+
+            choice = resume_mod.choose(self.run_dir)
+            where = (f"a rerun resumes from {choice.chosen}" if choice.chosen
+                     else "no checkpoint yet: a rerun starts from step 0")
+            say(f"stage {self.stage}: interrupted (Ctrl-C) at step {trainer.global_step}; nothing was saved "
+                f"now; {where}")
 
 
 class StopAfterSteps(_base()):

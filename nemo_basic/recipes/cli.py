@@ -70,4 +70,6 @@ def main(stage: int, argv: Optional[Sequence[str]] = None, description: str = ""
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(train.format_summary(summary), flush=True)
+    if summary.get("preempted"):
+        return train.preempted_exit_code(summary)  # non-zero: Slurm / NeMo-Run requeue the job
     return 0

@@ -45,14 +45,14 @@ def checkpoints_in(run_dir: str) -> List[str]:
 
 
 def latest_checkpoint(path: str) -> Optional[str]:
-    """``path`` itself if it is a checkpoint, else the newest "-last" (or any) checkpoint of the
-    run folder ``path``."""
+    """``path`` itself if it is a checkpoint, else the newest complete checkpoint of the run folder
+    ``path`` (its "-last" link when one points at it), checked against its index (`resume.problem`)."""
+    from nemo_basic.recipes import resume as resume_mod
+
     path = os.path.abspath(os.path.expanduser(path))
     if _is_checkpoint(path):
         return path
-    found = checkpoints_in(path)
-    last = [p for p in found if p.endswith("-last")]
-    return (last or found or [None])[-1]
+    return resume_mod.choose(path).chosen
 
 
 def resolve_init_from(cfg: RecipeConfig) -> Optional[str]:
@@ -67,7 +67,44 @@ def resolve_init_from(cfg: RecipeConfig) -> Optional[str]:
                         f"no finished checkpoint in {os.path.abspath(os.path.expanduser(where))}; run stage 1 "
                         "first (examples/basic_pretrain.py with the same run.name and run.log_dir), or set "
                         "checkpoint.init_from=null to start from the pretrained LLM with a fresh projector")
+    from nemo_basic.recipes import resume as resume_mod
+
+    why = resume_mod.problem(os.path.realpath(ckpt))
+    if why is not None:
+        raise bad_value("checkpoint.init_from", cfg.checkpoint.init_from, "a complete stage-1 checkpoint",
+                        f"{os.path.realpath(ckpt)}: {why}")
     return os.path.realpath(ckpt)  # "-last" is a link that moves if stage 1 runs on
+
+
+def choose_resume(cfg: RecipeConfig, run_dir: str):
+    """The checkpoint this job resumes from (`resume.choose`), said once with the reason for each one
+    passed over; rank 0 moves those aside (nothing is deleted). Returns (choice, [(from, to)])."""
+    from nemo_basic.recipes import resume as resume_mod
+
+    if not cfg.checkpoint.resume or not os.path.isdir(run_dir):
+        return resume_mod.Choice(), []
+    choice = resume_mod.choose(run_dir)
+    moved = []
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in resume_mod.describe(choice, run_dir):
+            say(line)
+        moved = resume_mod.set_aside(run_dir, choice)
+    return choice, moved
+
+
+def _load_failure(run_dir: str, ckpt: str, e: BaseException) -> str:
+    import traceback
+
+    log = os.path.join(run_dir, RECORDS_DIR, "load-error.txt")
+    try:
+        with open(log, "w") as f:
+            traceback.print_exception(type(e), e, e.__traceback__, file=f)
+    except OSError:
+        log = "(not written)"
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return (f"checkpoint {ckpt} could not be loaded ({type(e).__name__}: {first}) although its index is "
+            f"complete; nothing was changed. Move it out of {os.path.dirname(ckpt)}/ and launch again to "
+            f"resume from the one before it (traceback in {log})")
 
 
 # -- NeMo objects ---------------------------------------------------------------------------------------------
@@ -137,7 +174,8 @@ def build_logger(cfg: RecipeConfig, max_steps: int):
     ckpt = nl.ModelCheckpoint(
         save_last="link", save_top_k=c.keep, monitor="step", mode="max", filename="{step}-{consumed_samples}",
         every_n_train_steps=c.every_n_steps or max_steps, save_optim_on_train_end=True,
-        always_save_context=False, save_context_on_train_end=True)
+        always_save_context=False, save_context_on_train_end=True,
+        enable_version_counter=False)  # one name per step: never a "-v1" copy next to an older save
     tb = TensorBoardLogger(save_dir=cfg.run_dir, name="tb_logs", version="")
     return nl.NeMoLogger(explicit_log_dir=cfg.run_dir, name=cfg.run.name, use_datetime_version=False,
                          ckpt=ckpt, tensorboard=tb, update_logger_directory=False)
@@ -232,13 +270,14 @@ def run(cfg: RecipeConfig) -> dict:
     os.makedirs(os.path.join(run_dir, RECORDS_DIR), exist_ok=True)
     from nemo.utils.exp_manager import TimingCallback
 
-    from nemo_basic.recipes.callbacks import RecipeProgress, StopAfterSteps
+    from nemo_basic.recipes.callbacks import Preemption, RecipeProgress, StopAfterSteps
 
     progress = RecipeProgress(stage=cfg.run.stage, max_steps=max_steps, run_dir=run_dir,
                               log_every_n_steps=cfg.trainer.log_every_n_steps,
                               global_batch_size=cfg.data.global_batch_size, data_parallel=runtime["data_parallel"],
                               config_yaml=to_yaml(cfg))
-    callbacks = [progress, TimingCallback()]
+    preemption = Preemption(stage=cfg.run.stage, run_dir=run_dir)
+    callbacks = [progress, TimingCallback(), preemption]
     if cfg.trainer.stop_after_steps is not None:
         callbacks.append(StopAfterSteps(stage=cfg.run.stage, steps=cfg.trainer.stop_after_steps, max_steps=max_steps))
     from nemo_basic.export.record import serving_callbacks  # image processor, template, LLM context: for export-hf
@@ -260,19 +299,36 @@ def run(cfg: RecipeConfig) -> dict:
                                 load_artifacts=False)
         if not checkpoints_in(run_dir):
             say(f"stage 2 starts from the stage-1 checkpoint {runtime['init_from']}")
+    choice, set_aside = choose_resume(cfg, run_dir)
     resume = nl.AutoResume(resume_if_exists=cfg.checkpoint.resume, resume_ignore_no_checkpoint=True,
-                           restore_config=restore)
-    before = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+                           restore_config=restore, resume_from_path=choice.chosen)
+    if choice.chosen:
+        from nemo.utils.app_state import AppState
+
+        AppState().restore = True  # NeMo sets it only when it searches itself: top-k then counts the old saves
     from lightning.pytorch import seed_everything
 
     seed_everything(cfg.run.seed, workers=True)
-    llm.train(model, datamodule, trainer, log=logger, resume=resume, tokenizer=None)
+    try:
+        llm.train(model, datamodule, trainer, log=logger, resume=resume, tokenizer=None)
+    except SystemExit:  # Lightning's SIGTERMException: a signal before the first step of this job
+        if preemption.received is None:
+            raise
+        preemption.preempted = preemption.received
+        say(f"stage {cfg.run.stage}: {preemption.received} received before the first step of this job: "
+            "nothing new to save")
+    except Exception as e:
+        if choice.chosen and not progress.train_started:
+            raise RecipeConfigError(_load_failure(run_dir, choice.chosen, e)) from e
+        raise
+    before = choice.chosen if progress.start_step > 0 else None
 
     ckpt = latest_checkpoint(run_dir)
     summary = {
         "stage": cfg.run.stage, "run_dir": run_dir, "steps_done": trainer.global_step, "max_steps": max_steps,
         "steps_this_job": len(history) and (history[-1]["step"] - (history[0]["step"] - 1)),
         "resumed_from": before, "init_from": runtime["init_from"], "checkpoint": ckpt,
+        "set_aside": set_aside, "preempted": preemption.preempted,
         "first": history[0] if history else None, "last": history[-1] if history else None,
         "seconds": time.time() - t_start, "tensorboard": os.path.join(run_dir, "tb_logs"),
         "metrics": os.path.join(run_dir, METRICS_FILE), "parameters": params,
@@ -281,6 +337,13 @@ def run(cfg: RecipeConfig) -> dict:
         with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=1, default=str)
     return summary
+
+
+def preempted_exit_code(s: dict) -> int:
+    """128 + the signal number (143 for SIGTERM), as a shell reports a process killed by it."""
+    import signal
+
+    return 128 + int(getattr(signal, s["preempted"], signal.SIGTERM))
 
 
 def format_summary(s: dict) -> str:
@@ -305,7 +368,12 @@ def format_summary(s: dict) -> str:
             lines.append(f"  losses at step {s['last']['step']}: {losses(s['last'])}")
     if s.get("init_from"):
         lines.append(f"  started from      {s['init_from']}")
+    for src, dst in s.get("set_aside") or ():
+        lines.append(f"  set aside         {os.path.basename(src)} (not usable) -> {dst}")
     lines.append(f"  checkpoint        {s['checkpoint']}")
+    if s.get("preempted"):
+        lines.append(f"  stopped by {s['preempted']} at step {s['steps_done']} of {s['max_steps']}: the checkpoint "
+                     f"above is this step; exit code {preempted_exit_code(s)} so that the job is requeued")
     lines.append(f"  TensorBoard       tensorboard --logdir {s['tensorboard']}")
     lines.append(f"  per-step metrics  {s['metrics']}")
     return "\n".join(lines)
