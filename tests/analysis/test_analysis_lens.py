@@ -303,3 +303,27 @@ def test_clear_errors(llava_dir, images, tmp_path, capsys):
     assert _run_cli("lens", "--hf", str(llava_dir), "--images", str(tmp_path / "missing.png"), "--out",
                     str(tmp_path / "o")) == 2
     assert "missing.png does not exist" in capsys.readouterr().err
+
+
+def test_labels_file_formats(tmp_path):
+    from nemo_basic.analysis.lens import AnalysisError, load_labels
+    from nemo_basic.analysis.scenes import scene_patch_labels
+
+    images = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "y.png")]
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps([["red"] * 4, None]))
+    assert load_labels(path, images) == [["red"] * 4, None]
+    path.write_text(json.dumps({"images": {"y.png": [["blue"]] * 4}}))
+    assert load_labels(path, images) == [None, [["blue"]] * 4]
+    scene = {"background": "white", "objects": [{"color": "red", "shape": "circle"}],
+             "patch_labels": [[0, 1], [1, 0]]}
+    path.write_text(json.dumps({"scenes": {"a/x.png": scene}}))
+    expect = [["white", "background"], ["red", "circle"], ["red", "circle"], ["white", "background"]]
+    assert scene_patch_labels(scene) == expect
+    assert load_labels(path, images) == [expect, None]
+    path.write_text(json.dumps({"scenes": {"synthetic/z.png": scene}}))
+    with pytest.raises(AnalysisError, match="has labels for none of the 2 images"):
+        load_labels(path, images)
+    path.write_text("{not json")
+    with pytest.raises(AnalysisError, match="is not valid JSON"):
+        load_labels(path, images)
