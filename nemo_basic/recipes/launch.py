@@ -12,13 +12,20 @@ machine it targets (``--gpus-per-node`` GPUs per node); the job gets ``trainer.d
 ``trainer.num_nodes`` from the executor. ``--dry-run`` prints the generated job script (the sbatch
 file, materialised offline by NeMo-Run's own Slurm scheduler) and submits nothing. Each Slurm task
 is one GPU (``--ntasks-per-node`` = GPUs per node); Lightning reads Slurm's environment. Jobs are
-requeued on failure (``--retries``) and the recipe resumes from its last checkpoint (AutoResume).
+requeued on failure (``--retries``) and the recipe resumes from its newest complete checkpoint; a
+preempted job (SIGTERM / SIGUSR1) saves at the next step and exits 143, which requeues it too.
+
+Overrides after the options apply to every stage; ``--stage1 key=value ...`` / ``--stage2 key=value ...``
+(or ``stage1.key=value``) to one. ``--stage both`` refuses one ``data.path`` for both stages (stage 1
+trains on captions, stage 2 on instructions). The job scripts set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` and
+NCCL error handling / timeouts (`JOB_ENV`); ``--env`` overrides them.
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -63,7 +70,54 @@ def parser() -> argparse.ArgumentParser:
                    "or ~/.nemo_run); with Slurm, a folder shared with the cluster")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the job")
     p.add_argument("--dry-run", action="store_true", help="print the job script(s) and submit nothing")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (as for examples/)")
+    for s in (1, 2):
+        p.add_argument(f"--stage{s}", action="extend", nargs="+", default=[], metavar="key=value",
+                       help=f"recipe overrides of stage {s} only (or stage{s}.key=value among the overrides)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides of every stage (as for "
+                   "examples/)")
+    return p
+
+
+# What NVIDIA documents for Megatron jobs with tensor / sequence parallelism: one hardware queue so that
+# communication kernels are scheduled in issue order (TP/SP overlap), and NCCL errors and hangs that end
+# the job (then requeued, and resumed from its checkpoint) instead of blocking it until its time limit.
+JOB_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "1800",
+    "NCCL_IB_TIMEOUT": "22",
+}
+
+
+def stage_overrides(a) -> dict:
+    """{stage: overrides}: the shared ones, then ``--stageN`` ones and ``stageN.``-prefixed ones."""
+    shared, per = [], {1: list(a.stage1), 2: list(a.stage2)}
+    for o in a.overrides:
+        head, dot, rest = o.partition(".")
+        if dot and head in ("stage1", "stage2"):
+            per[int(head[-1])].append(rest)
+        else:
+            shared.append(o)
+    for s, items in per.items():
+        for o in items:
+            if "=" not in o:
+                raise SystemExit(f"error: --stage{s} {o!r}: overrides are key=value")
+    if a.stage == "both":
+        if any(o.split("=", 1)[0].strip() == "data.path" for o in shared):
+            raise SystemExit("error: data.path is given once for --stage both: stage 1 trains on captions and "
+                             "stage 2 on instructions, so give each its own: --stage1 data.path=... "
+                             "--stage2 data.path=...")
+    elif per[3 - int(a.stage)]:
+        raise SystemExit(f"error: --stage{3 - int(a.stage)} overrides given, but only stage {a.stage} is launched")
+    return {s: shared + per[s] for s in (1, 2)}
+
+
+def _data_path(stage: int, config: str, overrides: Sequence[str]):
+    from nemo_basic.recipes.schema import load_config
+
+    return [os.path.abspath(p) if "://" not in p else p
+            for p in load_config(config, list(overrides), stage=stage).data.path]
     return p
 
 
@@ -114,10 +168,16 @@ def build(a) -> tuple:
     configs = {stages[0]: a.config}
     if a.stage == "both":
         configs[2] = a.config2 or _stage2_config(a.config)
+    overrides = stage_overrides(a)
     for s in stages:
-        validate(s, configs[s], a.overrides, a.nodes, a.gpus_per_node)
+        validate(s, configs[s], overrides[s], a.nodes, a.gpus_per_node)
+    if a.stage == "both":
+        p1, p2 = (_data_path(s, configs[s], overrides[s]) for s in (1, 2))
+        if set(p1) & set(p2):
+            raise SystemExit(f"error: stage 1 and stage 2 would train on the same data ({sorted(set(p1) & set(p2))}):"
+                             " give each stage its own data.path (--stage1 data.path=... --stage2 data.path=...)")
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "NEMO_BASIC_RUNS": CONTAINER_RESULTS if a.results else "runs", "PYTHONPATH": a.repo}
+           "NEMO_BASIC_RUNS": CONTAINER_RESULTS if a.results else "runs", "PYTHONPATH": a.repo, **JOB_ENV}
     for kv in a.env:
         k, _, v = kv.partition("=")
         env[k] = v
@@ -139,7 +199,7 @@ def build(a) -> tuple:
         for s in stages:
             tasks.append((f"stage{s}", run.Script(
                 path=f"{a.repo}/{SCRIPTS[s]}", entrypoint="python",
-                args=task_args(_relative_config(configs[s]), a.overrides, a.nodes, a.gpus_per_node, a.results))))
+                args=task_args(_relative_config(configs[s]), overrides[s], a.nodes, a.gpus_per_node, a.results))))
     else:
         env["PYTHONPATH"] = REPO
         executor = run.LocalExecutor(ntasks_per_node=a.gpus_per_node, launcher="torchrun" if a.gpus_per_node > 1
@@ -147,17 +207,19 @@ def build(a) -> tuple:
         for s in stages:
             tasks.append((f"stage{s}", run.Script(
                 path=os.path.join(REPO, SCRIPTS[s]), entrypoint="python",
-                args=task_args(os.path.abspath(configs[s]), a.overrides, a.nodes, a.gpus_per_node, a.results))))
+                args=task_args(os.path.abspath(configs[s]), overrides[s], a.nodes, a.gpus_per_node, a.results))))
     return executor, tasks
 
 
-def dry_run(executor, tasks, name: str) -> str:
-    """The job script(s), materialised by NeMo-Run without submitting anything."""
+def dry_run(executor, tasks, name: str, job_dir: Optional[str] = None) -> str:
+    """The job script(s), materialised by NeMo-Run without submitting anything, in a folder that is
+    kept (under ``job_dir``/dry-runs, or a temporary one), so that the paths the script names exist."""
     import nemo_run as run
 
-    import shutil
-
-    home = tempfile.mkdtemp(prefix="nemo_basic_dryrun_")
+    root = os.path.join(job_dir, "dry-runs") if job_dir else None
+    if root:
+        os.makedirs(root, exist_ok=True)
+    home = tempfile.mkdtemp(prefix=f"{name}-", dir=root)
     stdin = sys.stdin
     sys.stdin = open(os.devnull)  # NeMo-Run's packaging shell (invoke) must not wait on the terminal
     try:
@@ -167,13 +229,16 @@ def dry_run(executor, tasks, name: str) -> str:
             for i, (task_name, task) in enumerate(tasks):
                 exp.add(task, name=task_name)
             exp.dryrun(log=False, delete_exp_dir=False)
-        out = []
+        out = [f"# dry run: nothing submitted; the job files are in {home}"]
         if len(tasks) > 1 and isinstance(executor, run.SlurmExecutor):
             out.append("# the jobs are submitted in order, each with --dependency=afterok:<previous job id>")
         scripts = sorted(glob.glob(os.path.join(home, "**", "*_sbatch.sh"), recursive=True))
         for path in scripts:
             with open(path) as f:
-                out.append(f"# ---- {os.path.basename(path)} ----\n{f.read()}")
+                text = f.read()
+            for log in re.findall(r"--output (\S+)", text):  # the log folders a submission would create
+                os.makedirs(os.path.dirname(log), exist_ok=True)
+            out.append(f"# ---- {os.path.basename(path)} ----\n{text}")
         if not scripts:  # local executor: the commands
             for task_name, task in tasks:
                 launcher = (f"torchrun --nproc-per-node {executor.ntasks_per_node} "
@@ -185,7 +250,6 @@ def dry_run(executor, tasks, name: str) -> str:
     finally:
         sys.stdin.close()
         sys.stdin = stdin
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -201,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     name = "basic-" + os.path.splitext(os.path.basename(a.config))[0]
     if a.dry_run:
-        print(dry_run(executor, tasks, name))
+        print(dry_run(executor, tasks, name, a.job_dir))
         return 0
     with run.Experiment(name, executor=executor) as exp:
         for task_name, task in tasks:

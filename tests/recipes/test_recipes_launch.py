@@ -41,8 +41,9 @@ def test_slurm_dry_run_two_nodes(capsys, monkeypatch):
 
 
 def test_slurm_dry_run_both_stages(capsys, monkeypatch):
-    argv = [a for a in SLURM_2_NODES]
+    argv = [a for a in SLURM_2_NODES if a != "data.path=/data/llava_stage1_shards"]
     argv[argv.index("--stage") + 1] = "both"
+    argv += ["--stage1", "data.path=/data/llava_stage1_shards", "--stage2", "data.path=/data/llava_stage2_shards"]
     out = dry_run(argv, capsys, monkeypatch)
     assert out.count("#!/bin/bash") == 2 and "--dependency=afterok" in out
     assert "examples/basic_pretrain.py --config conf/llava15_7b_stage1.yaml" in out
@@ -65,3 +66,48 @@ def test_launcher_validates_before_submitting(extra, message, capsys, monkeypatc
     monkeypatch.chdir(launch.REPO)
     assert launch.main(SLURM_2_NODES + extra) == 2
     assert message in capsys.readouterr().err
+
+
+def _srun_lines(out):
+    return [line for line in out.splitlines() if line.startswith("srun ") and "--container-image" in line]
+
+
+def test_slurm_dry_run_both_stages_with_their_own_overrides(capsys, monkeypatch):
+    argv = [a for a in SLURM_2_NODES if a != "data.path=/data/llava_stage1_shards"]
+    argv[argv.index("--stage") + 1] = "both"
+    argv += ["--stage1", "data.path=/data/llava_stage1_shards", "trainer.max_steps=7",
+             "--stage2", "data.path=/data/llava_stage2_shards"]
+    out = dry_run(argv, capsys, monkeypatch)
+    stage1, stage2 = _srun_lines(out)
+    assert "basic_pretrain.py" in stage1 and "basic_finetune.py" in stage2
+    assert "data.path=/data/llava_stage1_shards" in stage1 and "llava_stage2_shards" not in stage1
+    assert "data.path=/data/llava_stage2_shards" in stage2 and "llava_stage1_shards" not in stage2
+    assert "trainer.max_steps=7" in stage1 and "trainer.max_steps=7" not in stage2
+    for line in (stage1, stage2):  # the shared override reaches both
+        assert "model.llm_path=/models/vicuna-7b-v1.5" in line
+    # the environment NVIDIA documents for Megatron TP/SP jobs, in each job script
+    assert out.count("export CUDA_DEVICE_MAX_CONNECTIONS=1") == 2
+    assert out.count("export TORCH_NCCL_ASYNC_ERROR_HANDLING=1") == 2
+    # the --output paths of the dry run lie in a folder that exists afterwards
+    folder = re.search(r"# dry run: nothing submitted; the job files are in (\S+)", out).group(1)
+    outputs = re.findall(r"--output (\S+)", out)
+    assert len(outputs) == 2 and all(o.startswith(folder) for o in outputs)
+    import os
+
+    assert all(os.path.isdir(os.path.dirname(o)) for o in outputs), outputs
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "data.path is given once for --stage both"),
+    (["--stage2", "data.path=/data/llava_stage1_shards"], "stage 1 and stage 2 would train on the same data"),
+])
+def test_both_stages_refuse_a_shared_data_path(extra, message, capsys, monkeypatch):
+    monkeypatch.chdir(launch.REPO)
+    argv = [a for a in SLURM_2_NODES]
+    argv[argv.index("--stage") + 1] = "both"
+    if extra:
+        argv = [a for a in argv if a != "data.path=/data/llava_stage1_shards"]
+        argv += ["--stage1", "data.path=/data/llava_stage1_shards"] + extra
+    with pytest.raises(SystemExit) as e:
+        launch.main(argv)
+    assert message in str(e.value)
