@@ -194,7 +194,7 @@ def check_model(cfg: RecipeConfig, runtime: Optional[dict] = None) -> Architectu
     return arch
 
 
-SUPPORTED_LLM_TYPES = ("llama", "mistral")  # what nemo_basic.convert loads from Hugging Face
+from nemo_basic.convert.families import SUPPORTED_MODEL_TYPES as SUPPORTED_LLM_TYPES  # noqa: E402  (issue 16)
 
 
 def training_blockers(cfg: RecipeConfig, arch: Architecture) -> list:
