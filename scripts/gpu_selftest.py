@@ -25,8 +25,8 @@ Checks (README "CPU vs GPU"; issue 11):
                       trainer.fp8=hybrid: FP8 active in the decoder layers, nonzero amax (CPU: fp32).
  5 proxy              a 7B-shaped proxy (hidden 4096, 32 heads, ffn 11008, 4 layers, k = 2, vocab
                       32000, 576 image + 64 text tokens): step time and peak memory with BASIC on /
-                      off, device→host syncs per step (torch.profiler, and the syncing aten ops
-                      counted by a dispatch mode), the L_sds GEMMs with TF32 off / on.
+                      off, device→host syncs per step (torch.profiler, and the syncing operators
+                      counted by nemo_basic.testing.syncs), the L_sds GEMMs with TF32 off / on.
  6 config_rejections  BASIC with context parallelism, interleaved pipeline stages, FP8 attention:
                       a BasicConfigError naming the key.
 
@@ -406,13 +406,13 @@ def check_lse_attention(ctx: Ctx, out: Outcome) -> None:
         cases = {"d128": ((B, H, S, 128), H, False), "d64": ((B, H, S, 64), H, False),
                  "d256": ((B, 16, S, 256), 16, False), "qkv_view_d128": ((B, H, S, 128), H, True),
                  "gqa8_d128": ((B, H, S, 128), 8, False)}
+    from nemo_basic.models import capture
+
     rows = {}
     for i, (label, (shape, kv_heads, fused)) in enumerate(cases.items()):
         gqa = kv_heads != shape[1]
         try:
             rows[label] = _lse_case(ctx, shape, kv_heads, fused, native_gqa=gqa, seed=i)
-            if gqa:
-                out.numbers["gqa_native"] = "PASS"
         except Exception as e:  # noqa: BLE001
             if not gqa:
                 raise
@@ -421,6 +421,12 @@ def check_lse_attention(ctx: Ctx, out: Outcome) -> None:
             out.failures.append(f"gqa_native: sdpa_with_lse rejected {kv_heads} KV heads for "
                                 f"{shape[1]} query heads: {type(e).__name__}: {str(e)[:300]}")
             rows[label + "_repeated"] = _lse_case(ctx, shape, kv_heads, fused, native_gqa=False, seed=i)
+            continue
+        if gqa:  # sdpa_with_lse falls back to repeated K/V (and remembers it) if the kernel refuses
+            native = getattr(capture, "_NATIVE_GQA", {}).get(ctx.device.type, True)
+            out.numbers["gqa_native"] = "PASS" if native else "FAIL"
+            out.expect(native, f"gqa_native: the {ctx.device.type} kernel refused {kv_heads} KV heads for "
+                       f"{shape[1]} query heads; sdpa_with_lse fell back to repeating them")
     for label, row in rows.items():
         for problem in _lse_verdict(row, ctx.precision):
             out.failures.append(f"{label}: {problem}")
@@ -731,48 +737,6 @@ def _make_probe(base):
 SYNC_RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
-def sync_op_counter():
-    """A TorchDispatchMode counting the aten ops that make the host wait for the device (or, on a
-    CPU, would): scalar reads, data-dependent output sizes, device→host copies."""
-    import collections
-
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    aten = torch.ops.aten
-    always = {aten._local_scalar_dense.default: "_local_scalar_dense", aten.nonzero.default: "nonzero",
-              aten.masked_select.default: "masked_select", aten._unique2.default: "unique",
-              aten.unique_dim.default: "unique", aten.unique_consecutive.default: "unique"}
-    indexing = {aten.index.Tensor: "index.Tensor[bool]", aten.index_put_.default: "index_put_[bool]",
-                aten.index_put.default: "index_put_[bool]", aten._index_put_impl_.default: "index_put_[bool]"}
-
-    def has_bool(indices) -> bool:
-        return any(torch.is_tensor(t) and t.dtype in (torch.bool, torch.uint8) for t in (indices or ()))
-
-    class SyncOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.counts = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func in always:
-                self.counts[always[func]] += 1
-            elif func in indexing and has_bool(args[1] if len(args) > 1 else kwargs.get("indices")):
-                self.counts[indexing[func]] += 1
-            elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
-                self.counts["repeat_interleave.Tensor"] += 1
-            elif func in (aten._to_copy.default, aten.copy_.default):
-                src = args[1] if func is aten.copy_.default else args[0]
-                dst_cpu = (args[0].device.type == "cpu" if func is aten.copy_.default
-                           else str(kwargs.get("device", "")) == "cpu")
-                if torch.is_tensor(src) and src.device.type == "cuda" and dst_cpu:
-                    self.counts["device_to_host_copy"] += 1
-            return func(*args, **kwargs)
-
-    return SyncOps()
-
-
 def _proxy_sizes(ctx: Ctx, bench) -> dict:
     if ctx.cpu:  # small: step time and the dispatch counts only
         return dict(bench.SIZES["quick"], hidden=256, layers=2, heads=4, ffn=688, k=1, mbs=1)
@@ -814,6 +778,7 @@ def _profile_syncs(step) -> dict:
     names = collections.Counter(e.name for e in prof.events())
     return {"sync_calls": sum(names[n] for n in SYNC_RUNTIME_CALLS),
             "memcpy_dtoh": sum(c for n, c in names.items() if n.startswith("Memcpy DtoH")),
+            "memcpy_htod_pageable": sum(c for n, c in names.items() if n.startswith("Memcpy HtoD (Pageable")),
             "by_call": {n: names[n] for n in SYNC_RUNTIME_CALLS if names[n]}}
 
 
@@ -869,6 +834,7 @@ def check_proxy(ctx: Ctx, out: Outcome) -> None:
 
     ensure_process_group(ctx)
     bench = bench_module()
+    from nemo_basic.testing.syncs import count_host_syncs  # the counter the CPU sync test uses
     from megatron.core.num_microbatches_calculator import (
         destroy_num_microbatches_calculator, init_num_microbatches_calculator)
 
@@ -893,13 +859,12 @@ def check_proxy(ctx: Ctx, out: Outcome) -> None:
     def step(v):
         return lambda: bench.train_step(models[v], batch)
 
-    # syncing aten ops per step (both modes), after a warm-up step each
+    # operators that make the host wait for the device, per step (both modes), after a warm-up step each
     for v in variants:
         step(v)()
     ops = {}
     for v in variants:
-        counter = sync_op_counter()
-        with counter:
+        with count_host_syncs() as counter:
             step(v)()
         ops[v] = dict(counter.counts)
     out.numbers["sync_ops"] = ops
