@@ -8,7 +8,8 @@
 
 Unusable records are skipped, counted by reason and listed in OUT/skipped.jsonl (index, line, id,
 reason); --strict stops at the first one instead, naming its file, line, index and id. The output
-folder must not hold a prepared set unless --overwrite is given. See nemo_basic/data/shards.py.
+folder must not hold a prepared set unless --overwrite is given; a killed conversion is continued with
+--resume (the set is marked complete only at the very end). See nemo_basic/data/shards.py.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=4, help="threads reading and validating images (default 4)")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable record")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared set already in --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted conversion into --out (same "
+                   "input and settings) without redoing its finished shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -40,6 +43,7 @@ def main(argv=None) -> int:
         summary = prepare_llava_data(
             args.json, args.image_dir, args.out, template=args.template, shard_size=args.shard_size,
             workers=args.workers, strict=args.strict, overwrite=args.overwrite, progress=not args.no_progress,
+            resume=args.resume,
         )
     except (OutputExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

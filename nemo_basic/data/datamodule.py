@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import tarfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -57,6 +58,10 @@ from nemo_basic.data.templates import (
 )
 
 log = logging.getLogger(__name__)
+
+# What a damaged shard raises when a sample is read or decoded: tarfile's TarError / ReadError, PIL's
+# UnidentifiedImageError and truncated images (OSError), broken JSON (ValueError), missing parts (KeyError).
+CORRUPT_SAMPLE_ERRORS = (OSError, EOFError, ValueError, KeyError, SyntaxError, tarfile.TarError)
 
 
 class SampleEncoder:
@@ -145,8 +150,11 @@ class LlavaShardDataset(Dataset):
     without shuffling."""
 
     def __init__(self, samples: PreparedShards, encoder: SampleEncoder, *, num_samples: Optional[int] = None,
-                 seed: int = 1234, shuffle: bool = True, pad_to: Optional[int] = None, pad_token_id: int = 0):
+                 seed: int = 1234, shuffle: bool = True, pad_to: Optional[int] = None, pad_token_id: int = 0,
+                 max_bad_share: float = 0.001):
         self.samples = samples
+        self.max_bad_share = max_bad_share
+        self.bad: list = []  # (record, shard, key, reason) met by this process
         self.encoder = encoder
         self.n = len(samples)
         self.num_samples = self.n if num_samples is None else int(num_samples)
@@ -175,7 +183,38 @@ class LlavaShardDataset(Dataset):
         return int(self._perm(epoch)[pos]) if self.shuffle else pos
 
     def __getitem__(self, i: int) -> dict:
-        return self.encoder(self.samples[self.record_index(i)])
+        """Sample ``i``; a corrupt record (unreadable tar member, undecodable image, broken JSON) is
+        skipped, reported with its key and shard, and replaced by the next record of the set (the
+        same replacement in every run, so resuming stays exact). More corrupt records than
+        ``max_bad_share`` of the set, met by one process, stop the run."""
+        first = self.record_index(i)
+        for step in range(self.n):
+            j = (first + step) % self.n
+            raw = None
+            try:
+                raw = self.samples[j]
+                return self.encoder(raw)
+            except CORRUPT_SAMPLE_ERRORS as e:
+                self._skip(j, raw, e)
+        raise RuntimeError(f"every record of {self.samples.paths} is corrupt")
+
+    def _skip(self, j: int, raw: Optional[dict], e: BaseException) -> None:
+        import os
+        import sys
+
+        k, pos = self.samples.locate(j)
+        shard = raw["shard"] if raw else os.path.basename(self.samples.shard_paths[k])
+        key = raw["key"] if raw else f"sample {pos} of the shard"
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        self.bad.append((j, shard, key, reason))
+        print(f"[nemo_basic.data] skipped a corrupt sample: key {key} in {shard} "
+              f"({os.path.dirname(self.samples.shard_paths[k])}): {reason} "
+              f"[{len(self.bad)} skipped by this data process]", file=sys.stderr, flush=True)
+        if len(self.bad) > self.max_bad_share * self.n:
+            raise RuntimeError(
+                f"{len(self.bad)} corrupt samples out of {self.n} records (more than data.max_bad_sample_share = "
+                f"{self.max_bad_share:g}); the last: key {key} in {shard}: {reason}. Check the shards "
+                f"(or reconvert with scripts/prepare_llava_data.py --overwrite)")
 
 
 class LlavaDataModule(pl.LightningDataModule):
@@ -223,6 +262,7 @@ class LlavaDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         pin_memory: Optional[bool] = None,
         persistent_workers: bool = False,
+        max_bad_sample_share: float = 0.001,
     ):
         super().__init__()
         import nemo_basic
@@ -249,6 +289,7 @@ class LlavaDataModule(pl.LightningDataModule):
         self.pad_token_id = pad_token_id
         self.image_process_mode = image_process_mode
         self.num_workers = num_workers
+        self.max_bad_sample_share = max_bad_sample_share
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.init_global_step = 0
@@ -284,10 +325,12 @@ class LlavaDataModule(pl.LightningDataModule):
         train = PreparedShards(self.paths)
         num_train = self.num_train_samples or self._default_train_samples(len(train))
         self._train_ds = LlavaShardDataset(train, encoder, num_samples=num_train, seed=self.seed,
-                                           shuffle=self.shuffle, pad_to=pad_to, pad_token_id=self.pad_token_id)
+                                           shuffle=self.shuffle, pad_to=pad_to, pad_token_id=self.pad_token_id,
+                                           max_bad_share=self.max_bad_sample_share)
         val = train if self.val_paths == self.paths else PreparedShards(self.val_paths)
         self._validation_ds = LlavaShardDataset(val, encoder, num_samples=self.num_val_samples, seed=self.seed,
-                                                shuffle=False, pad_to=pad_to, pad_token_id=self.pad_token_id)
+                                                shuffle=False, pad_to=pad_to, pad_token_id=self.pad_token_id,
+                                                max_bad_share=self.max_bad_sample_share)
         log.info("LlavaDataModule: %d training samples over %d records, %d validation samples",
                  len(self._train_ds), len(train), len(self._validation_ds))
 

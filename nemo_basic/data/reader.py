@@ -16,7 +16,7 @@ import os
 import tarfile
 from typing import Sequence
 
-from nemo_basic.data.shards import ENERGON_DIR
+from nemo_basic.data.shards import CONVERTING, ENERGON_DIR, check_prepared
 
 
 class PreparedShards(Sequence):
@@ -33,6 +33,10 @@ class PreparedShards(Sequence):
         self.shard_paths: list[str] = []
         counts: list[int] = []
         for root in self.paths:
+            if os.path.exists(os.path.join(root, CONVERTING)) or not os.path.isdir(os.path.join(root, ENERGON_DIR)):
+                why = check_prepared(root)
+                if why and why.startswith("interrupted conversion"):
+                    raise FileNotFoundError(why)
             if not os.path.isdir(os.path.join(root, ENERGON_DIR)):
                 raise FileNotFoundError(
                     f"{root} has no {ENERGON_DIR}/ metadata: prepare it with scripts/prepare_llava_data.py "

@@ -27,7 +27,12 @@ declares a ``CrudeWebdataset`` (plain dicts for a cooker). To rebuild the metada
     # "Crude sample (plain dict for cooking)"
 
 Writing is atomic per shard: each shard is written to ``shard-NNNNNN.tar.tmp``, flushed, fsynced
-and renamed; a crash leaves at most a ``.tmp`` file, never a truncated ``.tar``.
+and renamed; a crash leaves at most a ``.tmp`` file, never a truncated ``.tar``. The set as a whole
+is marked complete only at the very end: ``OUT/.nemo_basic_converting`` exists from the start until
+the summary is written, and records after each finished shard how far the conversion got, so that
+``resume=True`` (``--resume``) continues a killed conversion without redoing finished shards.
+`check_prepared` (used by the recipes at start-up) refuses such a folder, and checks each ``.tar``
+against its Energon index (``.tar.idx``: one byte offset per sample plus the end offset).
 """
 from __future__ import annotations
 
@@ -53,6 +58,8 @@ SHARD_PREFIX = "shard-"
 SUMMARY_FILE = "prepare_summary.json"
 SKIPPED_FILE = "skipped.jsonl"
 ENERGON_DIR = ".nv-meta"
+CONVERTING = ".nemo_basic_converting"
+TAR_END_BLOCKS = 1024  # a tar archive ends with two 512-byte zero blocks after its last member
 DATASET_YAML = "__module__: megatron.energon\n__class__: CrudeWebdataset\n"
 TAR_MTIME = 0.0  # fixed member timestamps: the same input gives byte-identical shards
 
@@ -69,13 +76,14 @@ class AtomicShardWriter:
     """Numbered webdataset shards of at most ``shard_size`` samples, each renamed into place only
     once complete and fsynced."""
 
-    def __init__(self, out_dir: str, shard_size: int):
+    def __init__(self, out_dir: str, shard_size: int, done: Optional[list] = None, on_shard=None):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.out_dir = out_dir
         self.shard_size = shard_size
-        self.shards: list[str] = []
-        self._k = 0
+        self.shards: list[str] = list(done or [])
+        self.on_shard = on_shard  # called after each shard is in place
+        self._k = len(self.shards)
         self._count = 0
         self._file = None
         self._tar = None
@@ -109,6 +117,8 @@ class AtomicShardWriter:
         self.shards.append(os.path.basename(final))
         self._k += 1
         self._tar = self._file = self._tmp = None
+        if self.on_shard is not None:
+            self.on_shard(self.shards)
 
     def close(self) -> list[str]:
         if self._tar is not None:
@@ -148,7 +158,7 @@ def prepared_files(out_dir: str) -> list[str]:
         if name.startswith(SHARD_PREFIX) and (name.endswith(".tar") or name.endswith(".tar.idx")
                                               or name.endswith(".tar.tmp") or name.endswith(".tar.idx.tmp")):
             owned.append(name)
-        elif name in (SUMMARY_FILE, SKIPPED_FILE, ENERGON_DIR):
+        elif name in (SUMMARY_FILE, SKIPPED_FILE, ENERGON_DIR, CONVERTING):
             owned.append(name)
     return owned
 
@@ -157,6 +167,10 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
     existing = prepared_files(out_dir)
     if existing:
         if not overwrite:
+            if CONVERTING in existing:
+                raise OutputExistsError(
+                    f"{out_dir} holds an interrupted conversion ({CONVERTING} is there): rerun with --overwrite "
+                    "(or --resume to continue it)")
             raise OutputExistsError(
                 f"{out_dir} already holds a prepared data set ({', '.join(existing[:3])}"
                 f"{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace it"
@@ -165,6 +179,52 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
             p = os.path.join(out_dir, name)
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     os.makedirs(out_dir, exist_ok=True)
+
+
+def check_prepared(root: str) -> Optional[str]:
+    """What is wrong with the prepared folder ``root`` (naming the file), or None. Cheap: reads
+    ``.nv-meta/.info.yaml``, the size of each shard and the size and last entry of its ``.tar.idx``."""
+    import struct
+
+    import yaml
+
+    if os.path.exists(os.path.join(root, CONVERTING)):
+        return (f"interrupted conversion: {root} was being converted ({CONVERTING} is there); rerun "
+                "scripts/prepare_llava_data.py with --overwrite (or --resume)")
+    info = os.path.join(root, ENERGON_DIR, ".info.yaml")
+    if not os.path.isfile(info):
+        if any(n.startswith(SHARD_PREFIX) for n in os.listdir(root)):
+            return (f"interrupted conversion: {root} has shards but no {ENERGON_DIR}/ metadata; rerun "
+                    "scripts/prepare_llava_data.py with --overwrite (or --resume)")
+        return (f"{root} has no {ENERGON_DIR}/ metadata: prepare it with scripts/prepare_llava_data.py "
+                "(or `energon prepare`)")
+    try:
+        with open(info) as f:
+            counts = (yaml.safe_load(f) or {}).get("shard_counts") or {}
+    except (OSError, yaml.YAMLError) as e:
+        return f"{info} is unreadable ({type(e).__name__})"
+    if not counts:
+        return f"{info} lists no shards"
+    for name, count in counts.items():
+        tar = os.path.join(root, name)
+        idx = tar + ".idx"
+        if not os.path.isfile(tar):
+            return f"shard {tar} is missing (listed in {ENERGON_DIR}/.info.yaml)"
+        if not os.path.isfile(idx):
+            return f"shard index {idx} is missing: rebuild the metadata (`energon prepare {root}`) or reconvert"
+        n = os.path.getsize(idx) // 8
+        if n != int(count) + 1:
+            return (f"shard index {idx} has {n - 1} samples, {ENERGON_DIR}/.info.yaml says {count}: rebuild "
+                    "the metadata or reconvert")
+        with open(idx, "rb") as f:
+            f.seek((n - 1) * 8)
+            (end,) = struct.unpack("<Q", f.read(8))
+        size = os.path.getsize(tar)
+        if size < end + TAR_END_BLOCKS:
+            return (f"shard {tar} is truncated: {size} bytes, its index {os.path.basename(idx)} says its "
+                    f"{count} samples end at byte {end}; reconvert it (scripts/prepare_llava_data.py "
+                    "--overwrite) or restore it")
+    return None
 
 
 @dataclasses.dataclass
@@ -286,6 +346,7 @@ def prepare_llava_data(
     overwrite: bool = False,
     progress: bool = True,
     energon_metadata: bool = True,
+    resume: bool = False,
 ) -> PrepareSummary:
     """Convert one LLaVA JSON file and its image folder into shards (see the module docstring).
 
@@ -294,6 +355,8 @@ def prepare_llava_data(
     first unusable record raises `RecordError` naming the file, line, record index and id (the
     shard being written is discarded; completed shards stay, so rerun with ``overwrite``).
     ``template="plain"`` additionally requires caption records (one image, one pair of turns).
+    ``resume=True`` continues a conversion of the same input that was killed (its progress is in
+    ``OUT/.nemo_basic_converting``): finished shards are kept, the records after them are converted.
     """
     from tqdm.auto import tqdm
 
@@ -303,14 +366,35 @@ def prepare_llava_data(
         raise FileNotFoundError(f"--json {json_path} does not exist")
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"--image-dir {image_dir} is not a folder")
-    _prepare_out_dir(out_dir, overwrite)
+    marker = os.path.join(out_dir, CONVERTING)
+    state = _resume_state(out_dir, json_path, image_dir, template, shard_size) if resume else None
+    if state is None:
+        _prepare_out_dir(out_dir, overwrite)
     summary = PrepareSummary(json_path=json_path, image_dir=image_dir, out_dir=out_dir, template=template)
     reasons: collections.Counter = collections.Counter()
-    writer = AtomicShardWriter(out_dir, shard_size)
-    skipped_f = open(os.path.join(out_dir, SKIPPED_FILE), "w", encoding="utf-8")
+    start_after = -1
+    if state is not None:
+        for key in ("records_read", "written", "with_images", "text_only", "images_written", "skipped"):
+            setattr(summary, key, state["counts"][key])
+        reasons.update(state["reasons"])
+        start_after = state["last_index"]
+        _keep_skipped_until(os.path.join(out_dir, SKIPPED_FILE), start_after)
+    progress_at_shard = {}
+
+    def on_shard(shards):  # the marker says how far the finished shards go
+        _write_marker(marker, dict(json=os.path.abspath(json_path), image_dir=os.path.abspath(image_dir),
+                                   template=template, shard_size=shard_size, shards=list(shards),
+                                   **progress_at_shard))
+
+    writer = AtomicShardWriter(out_dir, shard_size, done=state["shards"] if state else None, on_shard=on_shard)
+    if state is None:
+        on_shard(writer.shards)  # in progress from here on
+    skipped_f = open(os.path.join(out_dir, SKIPPED_FILE), "a" if state else "w", encoding="utf-8")
 
     def validated() -> Iterator:
         for raw in iter_json_records(json_path):
+            if raw.index <= start_after:
+                continue
             try:
                 yield raw, validate_record(raw, template=template, source=json_path)
             except RecordError as e:
@@ -336,13 +420,17 @@ def prepare_llava_data(
                 summary.skipped += 1
             else:
                 sample = _sample(rec, blobs)
-                writer.write(sample)
                 summary.written += 1
                 summary.images_written += len(blobs)
                 if blobs:
                     summary.with_images += 1
                 else:
                     summary.text_only += 1
+                skipped_f.flush()
+                progress_at_shard.update(last_index=rec.index, reasons=dict(reasons), counts={
+                    k: getattr(summary, k) for k in ("records_read", "written", "with_images", "text_only",
+                                                     "images_written", "skipped")})
+                writer.write(sample)
             if summary.records_read % 256 == 0:
                 bar.set_postfix(written=summary.written, skipped=summary.skipped, refresh=False)
         bar.set_postfix(written=summary.written, skipped=summary.skipped)
@@ -362,4 +450,54 @@ def prepare_llava_data(
     with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(summary), f, indent=2)
         f.write("\n")
+    os.remove(marker)  # complete only now
+    _fsync_dir(out_dir)
     return summary
+
+
+def _write_marker(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _resume_state(out_dir: str, json_path: str, image_dir: str, template, shard_size: int) -> Optional[dict]:
+    """The progress of the interrupted conversion in ``out_dir`` (None: nothing to resume)."""
+    marker = os.path.join(out_dir, CONVERTING)
+    if not os.path.isfile(marker):
+        if prepared_files(out_dir):
+            raise OutputExistsError(f"--resume: {out_dir} holds no interrupted conversion ({CONVERTING} is "
+                                    "missing: it is complete, or not ours); use --overwrite to replace it")
+        return None
+    with open(marker, encoding="utf-8") as f:
+        state = json.load(f)
+    same = dict(json=os.path.abspath(json_path), image_dir=os.path.abspath(image_dir), template=template,
+                shard_size=shard_size)
+    for key, value in same.items():
+        if state.get(key) != value:
+            raise OutputExistsError(f"--resume: the interrupted conversion in {out_dir} used {key} = "
+                                    f"{state.get(key)!r}, not {value!r}; use --overwrite to start over")
+    if not state.get("shards"):
+        state.update(last_index=-1, reasons={}, counts=dict.fromkeys(
+            ("records_read", "written", "with_images", "text_only", "images_written", "skipped"), 0))
+    for name in os.listdir(out_dir):  # the shard being written when it was killed
+        if name.endswith(".tmp") or (name.startswith(SHARD_PREFIX) and name.endswith(".tar")
+                                     and name not in state["shards"]):
+            os.remove(os.path.join(out_dir, name))
+    for name in state["shards"]:
+        if not os.path.isfile(os.path.join(out_dir, name)):
+            raise OutputExistsError(f"--resume: finished shard {name} of {out_dir} is missing; use --overwrite")
+    return state
+
+
+def _keep_skipped_until(path: str, last_index: int) -> None:
+    """Drop the lines of ``skipped.jsonl`` after the last finished shard (they are redone)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["index"] <= last_index]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)

@@ -93,6 +93,12 @@ def check_data_paths(cfg: RecipeConfig) -> None:
         elif not os.path.isdir(os.path.expanduser(p)):
             raise bad_value("data.path", p, "prepared shard folders (scripts/prepare_llava_data.py)",
                             f"{os.path.abspath(os.path.expanduser(p))} is not a folder")
+        else:
+            from nemo_basic.data.shards import check_prepared
+
+            why = check_prepared(os.path.abspath(os.path.expanduser(p)))
+            if why is not None:
+                raise bad_value("data.path", p, "prepared shard folders (scripts/prepare_llava_data.py)", why)
 
 
 def num_records(paths: List[str]) -> int:
@@ -124,7 +130,7 @@ def build_data(cfg: RecipeConfig, runtime: dict, tokenizer=None, image_processor
         micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size,
         num_train_samples=(max_steps * d.global_batch_size) if max_steps else None, seed=cfg.run.seed,
         shuffle=d.shuffle, pad_to_seq_length=pad, image_process_mode=d.image_process_mode,
-        num_workers=d.num_workers)
+        num_workers=d.num_workers, max_bad_sample_share=d.max_bad_sample_share)
 
 
 def synthetic_data_module(micro_batch_size: int, global_batch_size: int, seq_length: int):

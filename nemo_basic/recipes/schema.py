@@ -177,6 +177,9 @@ class DataConfig:
     pad_to_seq_length: Optional[bool] = F(None, doc="pad batches to seq_length (null: only under pipeline "
                                                     "parallelism)", **opt_bool("auto"))
     shuffle: bool = F(True, doc="seeded shuffle per epoch", **boolean())
+    max_bad_sample_share: float = F(0.001, doc="corrupt samples are skipped and reported; the run stops past "
+                                               "this share of the records (per data-loader process)",
+                                    **num_range(0, 1))
     embedded_num_synthetic: int = F(400, doc="synthetic scenes of the embedded data set", **int_range(1))
 
 
