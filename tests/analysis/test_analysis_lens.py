@@ -138,6 +138,16 @@ def test_lens_through_tp2_saved_checkpoint(llava_dir, images, tmp_path):
     reference = {p: reference_nearest(llava_dir, p, layers)[0] for p in images}
     _check_lens(result, images, reference, layers)
 
+    # the training callback's layer-0 tokens under TP=2 (vocab shards merged; padding rows and the
+    # image token excluded) equal the float64 recomputation on its probe scenes
+    from nemo_basic.analysis.scenes import make_scenes
+
+    got = run_distributed(W.callback_nearest_tp, 2, str(ckpt), 3)
+    scenes = make_scenes(3, W.IMG, 4, seed=0, out_dir=str(tmp_path / "scenes"))
+    want = [reference_nearest(llava_dir, s["path"], [0])[0][0] for s in scenes]
+    for rank in range(2):
+        assert [[row[0] for row in img] for img in got[rank]] == want
+
 
 def _constructed(llava_dir, chosen, scale=3.0):
     """An HFLlava whose projector maps each patch of ``image`` to scale * E[chosen[p]] (least squares
