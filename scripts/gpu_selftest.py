@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -1194,6 +1195,10 @@ def parent_main(args) -> int:
         beside.join()
     else:
         run_parent_checks()
+    if args.keep_tmp:
+        report["tmp"] = ctx.tmp  # the recipe runs, worker logs and results
+    else:
+        shutil.rmtree(ctx.tmp, ignore_errors=True)
     report["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     failed = [r["name"] for r in results.values() if r["status"] == "FAIL"]
     report["exit_code"] = 1 if failed else 0
@@ -1211,6 +1216,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="run what runs without CUDA; CUDA-only parts are SKIPPED")
     p.add_argument("--out", default="gpu_selftest.json", help="JSON report (default ./gpu_selftest.json)")
     p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], help="comma-separated checks to run")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary folder (recipe runs, worker logs)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--results", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
