@@ -337,3 +337,17 @@ def test_labels_file_formats(tmp_path):
     path.write_text("{not json")
     with pytest.raises(AnalysisError, match="is not valid JSON"):
         load_labels(path, images)
+
+
+def test_checkpoint_without_vision_tower_is_named(tmp_path, monkeypatch, capsys, images):
+    """A NeMo checkpoint that holds a plain LLM (what load_checkpoint_context reports for one)."""
+    import nemo_basic.export.checkpoint as ckpt_mod
+
+    def llm_only(path):
+        raise ckpt_mod.CheckpointError(f"{path}/context holds a GPTModel, not a NeVA model")
+
+    monkeypatch.setattr(ckpt_mod, "load_checkpoint_context", llm_only)
+    assert _run_cli("lens", "--checkpoint", str(tmp_path / "gpt"), "--images", *images, "--out",
+                    str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "gpt has no vision tower" in err and "GPTModel" in err
