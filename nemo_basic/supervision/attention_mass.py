@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from nemo_basic.supervision.layout import RowLayout
+
 DEGREE_MODES: tuple[str, ...] = ("attention", "equal")
 
 # Bytes of fp32 scores one row chunk may hold ([heads, rows, keys]); bounds the working memory.
@@ -34,56 +36,54 @@ def _rows_per_chunk(heads: int, cols: int, chunk_rows: int | None) -> int:
 def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Scaled scores of query heads against their shared (grouped-query) key heads.
 
-    q: [H, r, D], k: [Hkv, c, D] -> [H, r, c]. Query head h reads key head h // (H / Hkv): viewing
-    q as [Hkv, H/Hkv, r, D] puts head h at (h // G, h % G), so a broadcast matmul pairs them
-    without copying k G times.
+    q: [B, H, r, D], k: [B, Hkv, c, D] -> [B, H, r, c]. Query head h reads key head h // (H / Hkv):
+    viewing q as [B, Hkv, H/Hkv, r, D] puts head h at (h // G, h % G), so a broadcast matmul pairs
+    them without copying k G times.
     """
-    heads, rows, dim = q.shape
-    kv_heads = k.shape[0]
-    scores = torch.matmul(q.reshape(kv_heads, heads // kv_heads, rows, dim), k.unsqueeze(1).transpose(-1, -2))
-    return scores.view(heads, rows, k.shape[1]).mul_(scale)
+    batch, heads, rows, dim = q.shape
+    kv_heads = k.shape[1]
+    scores = torch.matmul(q.reshape(batch, kv_heads, heads // kv_heads, rows, dim), k.unsqueeze(2).transpose(-1, -2))
+    return scores.view(batch, heads, rows, k.shape[2]).mul_(scale)
 
 
-def _gather(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x[:, positions] for one sample's [H, S, D] (a view of Megatron's [S, B, H, D]) as fp32.
+def _rows(x: torch.Tensor, layout: RowLayout, rows: str) -> torch.Tensor:
+    """The image or text rows of [B, H, S, D] as fp32 [B, H, W, D].
 
-    index_select along a strided middle dimension first copies the whole [H, S, D] to a contiguous
-    tensor; gathering along the sequence dimension of the [S, H, D] view reads only the wanted
-    rows (the profile of scripts/bench_basic_step.py showed the full copies).
+    Megatron hands attention its tensors as [S, B, H, D]; the [B, H, S, D] argument is a permuted
+    view of that memory, so going back to [S, B, H, D] is free and the gather reads only the
+    wanted rows (no copy of the whole tensor)."""
+    return layout.gather(x.permute(2, 0, 1, 3), rows).float().transpose(1, 2)
+
+
+def _text_rows_lse(q_text: torch.Tensor, key: torch.Tensor, layout: RowLayout, scale: float,
+                   chunk_rows: int | None) -> torch.Tensor:
+    """Natural-log log-sum-exp of the causal scaled scores of the text rows: [B, H, T].
+
+    The fallback when the attention kernel did not hand us its lse: chunks of text rows against
+    all keys, so at most [B, H, chunk, S] scores live at once.
     """
-    return x.transpose(0, 1).index_select(0, positions).float().transpose(0, 1)
-
-
-def _text_rows_lse(
-    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float, chunk_rows: int | None
-) -> torch.Tensor:
-    """Natural-log log-sum-exp of the causal scaled scores of the given query rows: [H, n].
-
-    The fallback when the attention kernel did not hand us its lse. Rows are processed in chunks
-    (sorted ascending, as nonzero() returns them); a chunk whose last row is j only needs keys
-    0..j, so at most [H, chunk, S] scores live at once and early chunks cost less.
-    """
-    keys = k[:, : int(rows.max()) + 1].float()
-    key_pos = torch.arange(keys.shape[1], device=k.device)
-    step = _rows_per_chunk(q.shape[0], keys.shape[1], chunk_rows)
+    batch, heads, width, _ = q_text.shape
+    keys = key.float()
+    key_pos = torch.arange(keys.shape[2], device=key.device)
+    step = _rows_per_chunk(batch * heads, keys.shape[2], chunk_rows)
     out = []
-    for start in range(0, rows.numel(), step):
-        r = rows[start : start + step]
-        visible = int(r[-1]) + 1
-        scores = _grouped_scores(_gather(q, r), keys[:, :visible], scale)
-        future = key_pos[None, :visible] > r[:, None]  # causal: row j must not see key i > j
-        out.append(torch.logsumexp(scores.masked_fill_(future, float("-inf")), dim=-1))
-    return torch.cat(out, dim=1)
+    for start in range(0, width, step):
+        pos = layout.text_index[:, start:start + step]                 # [B, c]
+        scores = _grouped_scores(q_text[:, :, start:start + step], keys, scale)
+        future = key_pos[None, None, :] > pos[:, :, None]              # causal: row j sees keys <= j
+        out.append(torch.logsumexp(scores.masked_fill_(future[:, None], float("-inf")), dim=-1))
+    return torch.cat(out, dim=2) if out else q_text.new_zeros(batch, heads, 0)
 
 
 def text_to_image_attention(
     query: torch.Tensor,
     key: torch.Tensor,
-    text_mask: torch.Tensor,
-    image_mask: torch.Tensor,
+    text_mask: torch.Tensor | None = None,
+    image_mask: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     scale: float | None = None,
     *,
+    layout: RowLayout | None = None,
     tp_group: dist.ProcessGroup | None = None,
     num_heads_total: int | None = None,
     chunk_rows: int | None = None,
@@ -103,6 +103,8 @@ def text_to_image_attention(
             it must come from the same attention (same mask and scale) as the probabilities wanted.
             Without it, the text rows' lse is recomputed under a plain causal mask.
         scale: softmax scale, default ``1/sqrt(D)``.
+        layout: the micro-batch's :class:`RowLayout` (instead of the two masks): built once per
+            micro-batch, it spares the host synchronisation that building it costs.
         tp_group: tensor-parallel group when each rank holds H/TP of the heads. The local head sum
             is divided by the total head count and all-reduced (sum), so every rank returns the
             global head average. Every rank of the group must call this (same masks).
@@ -120,9 +122,14 @@ def text_to_image_attention(
         raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)}")
     if heads % kv_heads != 0:
         raise ValueError(f"key heads ({kv_heads}) must divide query heads ({heads})")
-    for name, mask in (("text_mask", text_mask), ("image_mask", image_mask)):
-        if mask.shape != (batch, seq) or mask.dtype != torch.bool:
-            raise ValueError(f"{name} must be a bool tensor of shape {(batch, seq)}, got {mask.dtype} {tuple(mask.shape)}")
+    if layout is None:
+        for name, mask in (("text_mask", text_mask), ("image_mask", image_mask)):
+            if mask is None or mask.shape != (batch, seq) or mask.dtype != torch.bool:
+                got = None if mask is None else f"{mask.dtype} {tuple(mask.shape)}"
+                raise ValueError(f"{name} must be a bool tensor of shape {(batch, seq)}, got {got}")
+        layout = RowLayout.from_masks(image_mask, text_mask)
+    elif (layout.batch, layout.seq) != (batch, seq):
+        raise ValueError(f"layout is for [B, S] = {(layout.batch, layout.seq)}, the query for {(batch, seq)}")
     if lse is not None:
         if lse.dim() == 4 and lse.shape[-1] == 1:  # some kernels keep a trailing singleton
             lse = lse.squeeze(-1)
@@ -133,36 +140,33 @@ def text_to_image_attention(
         num_heads_total = heads * dist.get_world_size(tp_group)
     head_norm = float(num_heads_total if num_heads_total is not None else heads)
 
-    positions = torch.arange(seq, device=query.device)
     mass = torch.zeros(batch, seq, dtype=torch.float32, device=query.device)
     with torch.no_grad():
-        # One iteration per sample keeps ragged image/text layouts simple; each iteration is a few
-        # large matmuls over that sample's [text × image] block, so the loop costs nothing.
-        for b in range(batch):
-            img = image_mask[b].nonzero().squeeze(1)
-            if img.numel() == 0:
-                continue
-            # Text rows before the first image see no image key (causal mask): they add exactly
-            # zero, so skip them. (They still count in eq. 5's n, which cancels anyway.)
-            txt = (text_mask[b] & (positions >= img[0])).nonzero().squeeze(1)
-            if txt.numel() == 0:
-                continue
-            # Gather the image keys first: all further work is O(n·m) per head.
-            k_img = _gather(key[b], img)
+        width, text_width = layout.width, layout.text_index.shape[1]
+        if width and text_width:
+            # The whole batch at once, on padded rows: [B, H, text × image] blocks, chunked over
+            # text rows. Everything below has shapes the host knows: no synchronisation.
+            k_img = _rows(key, layout, "image")                                    # [B, Hkv, W, D]
+            q_txt = _rows(query, layout, "text")                                   # [B, H, T, D]
             if lse is None:
-                row_lse = _text_rows_lse(query[b], key[b], txt, scale, chunk_rows)
+                row_lse = _text_rows_lse(q_txt, key, layout, scale, chunk_rows)
             else:
-                row_lse = lse[b].index_select(1, txt).float()
-            col_mass = torch.zeros(img.numel(), dtype=torch.float32, device=query.device)
-            step = _rows_per_chunk(heads, img.numel(), chunk_rows)
-            for start in range(0, txt.numel(), step):
-                r = txt[start : start + step]
-                scores = _grouped_scores(_gather(query[b], r), k_img, scale)
-                scores.sub_(row_lse[:, start : start + step, None])
-                # Mask future keys to -inf *before* exp (exp of a masked score could overflow).
-                future = img[None, :] > r[:, None]
-                col_mass += scores.masked_fill_(future, float("-inf")).exp_().sum(dim=(0, 1))
-            mass[b, img] = col_mass / head_norm
+                row_lse = lse.gather(2, layout.text_index[:, None, :].expand(batch, heads, text_width)).float()
+            col_mass = torch.zeros(batch, width, dtype=torch.float32, device=query.device)
+            img_pos = layout.image_index[:, None, :]                               # [B, 1, W]
+            blocked = ~layout.image_valid[:, None, :]
+            step = _rows_per_chunk(batch * heads, width, chunk_rows)
+            for start in range(0, text_width, step):
+                stop = min(start + step, text_width)
+                scores = _grouped_scores(q_txt[:, :, start:stop], k_img, scale)   # [B, H, c, W]
+                scores.sub_(row_lse[:, :, start:stop, None])
+                # Causal (a text row sees only earlier image keys), padded text rows and padded
+                # image slots: -inf *before* exp (exp of a masked score could overflow).
+                hidden = (img_pos > layout.text_index[:, start:stop, None]) | blocked \
+                    | ~layout.text_valid[:, start:stop, None]                      # [B, c, W]
+                col_mass += scores.masked_fill_(hidden[:, None], float("-inf")).exp_().sum(dim=(1, 2))
+            # Padded slots point at non-image positions and carry exactly 0.
+            mass.scatter_add_(1, layout.image_index, col_mass / head_norm)
         if tp_group is not None:
             # Each rank summed its own heads; the sum over ranks is the global head average.
             dist.all_reduce(mass, op=dist.ReduceOp.SUM, group=tp_group)

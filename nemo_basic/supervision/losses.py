@@ -75,6 +75,59 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | N
     return t
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_MM_OUT_DTYPE: dict = {}  # device type -> whether torch.mm(..., out_dtype=torch.float32) runs there
+
+
+def _mm_out_dtype_supported(device: torch.device) -> bool:
+    """torch.mm with 16-bit inputs and an fp32 result (cuBLAS accumulates in fp32 anyway); CUDA
+    builds of torch >= 2.8 have it, CPU builds do not. Probed once per device type."""
+    if device.type not in _MM_OUT_DTYPE:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            _MM_OUT_DTYPE[device.type] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[device.type] = False
+    return _MM_OUT_DTYPE[device.type]
+
+
+def _split(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """fp32 x → [hi, lo] in a 16-bit dtype with hi + lo = x to ~16 mantissa bits (x already in
+    that dtype: [x])."""
+    if x.dtype == dtype:
+        return [x]
+    hi = x.to(dtype)
+    return [hi, (x - hi.float()).to(dtype)]
+
+
+def _products(parts: list[list[torch.Tensor]], table: torch.Tensor, transpose: bool) -> list[torch.Tensor]:
+    """Σ of each group of parts times the table (`@ table.T` or `@ table`), in fp32, as ONE GEMM.
+
+    For a 16-bit table (the model's own bf16 weights: no fp32 copy of E per micro-batch) every
+    operand comes split into 16-bit hi + lo parts, so the products keep ~16 mantissa bits of the
+    fp32 operands — about what an fp32 GEMM gives — at tensor-core speed. For an fp32/fp64 table
+    the groups hold one part each and this is a plain matmul."""
+    sizes = [len(group) for group in parts]
+    rows = [p.shape[0] for group in parts for p in group]
+    stacked = torch.cat([p for group in parts for p in group])
+    other = table.T if transpose else table
+    if table.dtype in _LOW_PRECISION:
+        if _mm_out_dtype_supported(stacked.device):
+            z = torch.mm(stacked, other, out_dtype=torch.float32)
+        else:  # same arithmetic (16-bit operands, fp32 products and sums) where mm.dtype is absent
+            z = stacked.float() @ other.float()
+    else:
+        z = stacked @ other
+    pieces, out, i = z.split(rows), [], 0
+    for n in sizes:
+        total = pieces[i]
+        for extra in pieces[i + 1:i + n]:
+            total = total + extra
+        out.append(total)
+        i += n
+    return out
+
+
 def _kl_from_logit_difference(expect_delta: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     """KL(p‖q) from the logit difference δ = s_p − s_q (shifted by a per-row constant c).
 
@@ -113,9 +166,11 @@ class _ChunkedVocabParallelKL(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = _compute_dtype(x.dtype)
         rows = x.shape[0]
-        # A transient full-precision copy of the (local, unpadded) table when it is bf16; a no-op
-        # when it is already in the compute dtype.
-        table = embedding.detach().to(dtype)
+        # A 16-bit table (bf16 training) is used as it is, through hi/lo-split 16-bit GEMMs with
+        # fp32 results (`_products`); otherwise the compute dtype (fp32 / fp64, no copy).
+        lowp = embedding.dtype in _LOW_PRECISION and dtype == torch.float32
+        table = embedding.detach() if lowp else embedding.detach().to(dtype)
+        operand = (lambda y: _split(y, table.dtype)) if lowp else (lambda y: [y.to(dtype)])
         # needs_input_grad stays True under torch.no_grad(), so the caller says whether a backward
         # can follow; without one (evaluation) the (q − p) E matmul is skipped.
         need_grad = with_grad and ctx.needs_input_grad[0]
@@ -130,9 +185,9 @@ class _ChunkedVocabParallelKL(torch.autograd.Function):
             # One matmul for the logits of V and the logit difference δ = (V̂ − V)Eᵀ (one larger
             # GEMM runs faster than two): z[:c] → Q, z[c:] = δ, [2c, N_local]. δ taken from
             # V̂ − V directly keeps its full relative precision when V is close to its target.
-            xc = x[start:stop].to(dtype)
-            z = torch.cat([xc, t[start:stop].to(dtype) - xc]) @ table.T
-            logits, delta = z[:c], z[c:]
+            xc = x[start:stop]
+            logits, delta = _products([operand(xc), operand(t[start:stop].to(dtype) - xc.to(dtype))],
+                                      table, transpose=True)
             # Global row maxima over all vocab shards (a shard may hold no real token: -inf):
             # of the logits (softmax shift) and of δ (bounds the shift below), in one collective.
             if table.shape[0] > 0:
@@ -154,8 +209,8 @@ class _ChunkedVocabParallelKL(torch.autograd.Function):
             expect_delta[start:stop] = torch.bmm(p.unsqueeze(1), delta.unsqueeze(2)).view(-1)
             moments[start:stop] = moment
             if grad_x is not None:
-                grad_x[start:stop] = q.sub_(p) @ table  # (q − p) E
-            del z, logits, delta, q, p, tilt
+                grad_x[start:stop] = _products([operand(q.sub_(p))], table, transpose=False)[0]  # (q − p) E
+            del logits, delta, q, p, tilt
         # No rows (no supervised patch anywhere): skip the collectives; by contract every rank of
         # the group has the same rows, so all of them skip together.
         if rows > 0:
@@ -190,8 +245,9 @@ def semantic_distribution_loss(
 ) -> torch.Tensor:
     """L_sds of eq. 7: Σ_i a_i KL(p_i ‖ q_i) per sample, P = softmax(V̂ Eᵀ), Q = softmax(V Eᵀ).
 
-    No temperature. Never materialises the whole [B·m, N] logits: rows are chunked, and rows with
-    a_i = 0 (padding, text-only samples) are skipped entirely.
+    No temperature. Never materialises the whole [B·m, N] logits: rows are chunked. A bf16/fp16
+    embedding is multiplied as it is (16-bit GEMMs on hi/lo-split operands, fp32 results and
+    fp32 softmax/KL arithmetic), so no fp32 copy of E is made.
 
     Args:
         v: ``[B, m, d]`` initial visual embeddings (gets the gradient, returned in v's dtype).
@@ -219,10 +275,12 @@ def semantic_distribution_loss(
     weight = a.detach().to(dtype)
     batch, m, d = v.shape
 
-    # Only rows with nonzero weight contribute to the loss or its gradient.
-    active = (weight.reshape(-1) != 0).nonzero().squeeze(1)
-    x = v.reshape(-1, d).index_select(0, active)
-    t = v_hat.detach().reshape(-1, d).index_select(0, active)
+    # Every row goes through, rows with a_i = 0 (padding, text-only samples) as zeros, so whatever
+    # they held contributes nothing and gets exactly zero gradient. Selecting only the weighted
+    # rows would ask the host how many there are: a device synchronisation per call.
+    used = (weight != 0).reshape(-1, 1)
+    x = torch.where(used, v.reshape(-1, d), 0)
+    t = torch.where(used, v_hat.detach().reshape(-1, d), 0)
     if chunk_size is None:
         # Sized from the shard's full row count, not its unpadded part: every rank of the group
         # must cut the same chunks, or their collectives would not pair up.
@@ -232,7 +290,5 @@ def semantic_distribution_loss(
     with_grad = torch.is_grad_enabled() and v.requires_grad
     kl = _ChunkedVocabParallelKL.apply(x, t, embedding, chunk_size, tp_group, with_grad)
 
-    row_weight = weight.reshape(-1).index_select(0, active)
-    sample_of_row = torch.div(active, m, rounding_mode="floor")
-    per_sample = torch.zeros(batch, dtype=dtype, device=v.device).index_add(0, sample_of_row, kl * row_weight)
+    per_sample = (kl.to(dtype).view(batch, m) * weight).sum(-1)
     return _reduce(per_sample, weight, reduction)

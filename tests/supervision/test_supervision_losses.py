@@ -169,7 +169,7 @@ def test_sds_no_grad_evaluation_matches() -> None:
 
 
 def test_sds_skips_zero_weight_rows() -> None:
-    """Rows with a_i = 0 never reach the autograd function (and get exactly zero gradient)."""
+    """Rows with a_i = 0 contribute nothing, whatever they hold, and get exactly zero gradient."""
     v, v_hat, embedding, a = make_inputs(3, 5, 8, 13, seed=9)
     v[0] = float("nan")  # a sample without image: its rows must not even be read
     loss, grad = grad_of(semantic_distribution_loss, v, v_hat, embedding, a)
@@ -225,3 +225,25 @@ def test_sds_accurate_for_nearby_distributions(noise) -> None:
     want = reduce_mean(reference_sds(v.double(), v_hat.double(), embedding.double(), a.double()), a.double())
     assert want > 0
     assert got.item() == pytest.approx(want.item(), rel=2e-3)
+
+
+@pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])
+def test_sds_bf16_table_keeps_fp32_accuracy(v_dtype) -> None:
+    """A bf16 E (bf16 training) is multiplied as it is, through hi/lo-split 16-bit products with
+    fp32 results: against float64 on the same values it is as accurate as the fp32 path, also
+    for a target close to V (small KL, where rounding of the logits would show first)."""
+    g = torch.Generator().manual_seed(21)
+    batch, m, d, n_vocab = 2, 6, 64, 500
+    v = torch.randn(batch, m, d, generator=g).to(v_dtype)
+    v_hat = v.float() + 0.05 * torch.randn(batch, m, d, generator=g)  # fp32 target, as eq. 4 builds it
+    embedding = (torch.randn(n_vocab, d, generator=g) / d**0.25).bfloat16()
+    a = torch.rand(batch, m, generator=g)
+    a = a / a.sum(1, keepdim=True)
+    loss, grad = grad_of(semantic_distribution_loss, v, v_hat, embedding, a, chunk_size=5)
+    ref_loss, ref_grad = reference_grad(reference_sds, v.double(), v_hat.double(), embedding.double(), a)
+    fp32_loss, fp32_grad = grad_of(semantic_distribution_loss, v.float(), v_hat, embedding.float(), a, chunk_size=5)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fp32_loss.double(), ref_loss, rtol=1e-5, atol=0)
+    grad_tol = dict(rtol=1e-4, atol=1e-7) if v_dtype == torch.float32 else dict(rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, **grad_tol)
+    assert grad.dtype == v_dtype
