@@ -40,7 +40,7 @@ COPY requirements requirements
 RUN pip install --no-cache-dir --no-deps -e . \
  && mkdir -p /results \
  && python -c "import nemo_basic, nemo_basic.recipes as r, glob; \
-from nemo_basic import compat; compat.apply_nemo(); from nemo.collections import vlm; \
+from nemo_basic import compat; compat.apply_nemo(); import torchvision; from nemo.collections import vlm; \
 [r.load_config(p, stage=(2 if 'stage2' in p else 1)) for p in sorted(glob.glob('conf/*.yaml'))]; \
 print('nemo_basic', nemo_basic.__version__, 'ok')" \
  && (pip check || echo "pip check reported the container's own conflicts (above); nemo_basic adds none")

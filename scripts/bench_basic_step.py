@@ -304,7 +304,7 @@ def worker_breakdown(size: str, stage: int) -> dict:
     # "target capture" is the hook time minus the loss time. L_sds's backward is computed inside
     # its forward (the chunked KL keeps grad (q − p)E), so its row here is forward + backward.
     totals: dict[str, float] = defaultdict(float)
-    _wrap_timer(neva_mod.BasicMCoreNevaModel, "placement_masks", totals, "placement masks (NeVA bookkeeping re-run)")
+    _wrap_timer(neva_mod.BasicMCoreNevaModel, "placement_masks", totals, "placement masks (vectorised from the token ids)")
     _wrap_timer(supervision, "text_to_image_attention", totals, "attention mass [text x image] (eq. 5), k layers")
     _wrap_timer(supervision, "supervision_degree", totals, "supervision degree normalisation")
     _wrap_timer(supervision, "directional_alignment_loss", totals, "L_das forward (eq. 6)")

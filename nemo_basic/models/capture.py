@@ -40,13 +40,20 @@ class AuxLossAutoScaler(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
         scale = AuxLossAutoScaler.main_loss_backward_scale
-        scale = torch.ones_like(aux_loss) if scale is None else scale.to(aux_loss)
-        return grad_output, scale * torch.ones_like(aux_loss)
+        if scale is None:
+            scale = torch.ones_like(aux_loss)
+        elif isinstance(scale, torch.Tensor):
+            scale = scale.to(aux_loss).reshape(aux_loss.shape)  # set on the loss's device: no copy
+        else:
+            scale = torch.full_like(aux_loss, scale)  # a Python number: a fill, no host transfer
+        return grad_output, scale
 
     @staticmethod
     def set_loss_scale(scale: torch.Tensor | float) -> None:
-        """The factor the schedule applies to the LM loss (1/num_microbatches × grad scale)."""
-        AuxLossAutoScaler.main_loss_backward_scale = torch.as_tensor(scale, dtype=torch.float32)
+        """The factor the schedule applies to the LM loss (1/num_microbatches × grad scale): a
+        Python number, or a one-element tensor on the model's device (a CPU tensor would be
+        copied to the GPU in every backward, a host synchronisation)."""
+        AuxLossAutoScaler.main_loss_backward_scale = scale
 
 
 def in_backward() -> bool:
@@ -54,26 +61,66 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def pad_rows(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[M, ...] rows grouped by sample (counts [B], Σ = M) → [B, max(counts), ...], zero padded."""
-    batch = counts.numel()
-    width = int(counts.max()) if batch else 0
-    out = rows.new_zeros((batch, width) + tuple(rows.shape[1:]))
-    slot = torch.arange(width, device=rows.device).expand(batch, width) < counts[:, None]
-    out[slot] = rows
-    return out
+_NATIVE_GQA = {"cuda": True, "cpu": True}  # whether the fused kernel took grouped K/V as they are
+
+
+def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def sdpa_with_lse(q, k, v, scale: float, dropout_p: float = 0.0):
     """Causal attention over [B, H, S, D] that also returns the row log-sum-exp [B, H, S].
 
-    torch's fused flash kernels return it as their second output (CPU and CUDA alike)."""
-    if q.is_cuda:
-        out = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, dropout_p, True, False, scale=scale)
-        return out[0], out[1]
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, dropout_p, True, scale=scale)
+    torch's fused flash kernels return it as their second output (CPU and CUDA alike). Grouped
+    K/V ([B, Hkv, S, D], Hkv dividing H) go in as they are: both kernels pair query head h with
+    key head h // (H / Hkv), as Megatron does. Should a build reject that, K/V are expanded
+    once and the fallback is remembered."""
+    device = q.device.type
+    if k.shape[1] != q.shape[1] and not _NATIVE_GQA.get(device, False):
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
+    try:
+        if q.is_cuda:
+            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, True, False, scale=scale)
+        else:
+            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, True, scale=scale)
+    except RuntimeError:
+        if k.shape[1] == q.shape[1]:
+            raise
+        _NATIVE_GQA[device] = False
+        return sdpa_with_lse(q, k, v, scale, dropout_p)
+    return out[0], out[1]
+
+
+def softmax_scale_of(core_attention: torch.nn.Module, head_dim: int) -> float:
+    """The softmax scale the module applies. Megatron's local DotProductAttention keeps it as
+    `softmax_scale` (query-key layer scaling included); TE's DotProductAttention does not keep it
+    (a local of its __init__), so the config's `softmax_scale` (None: 1/√D) is what it used."""
+    scale = getattr(core_attention, "softmax_scale", None)
+    if scale is None:
+        scale = getattr(getattr(core_attention, "config", None), "softmax_scale", None)
+    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def fused_unsupported(core_attention: torch.nn.Module, layer_number: int) -> Optional[str]:
+    """Why this layer's attention must run through its own module (None: the fused causal
+    softmax kernel computes exactly what the module would)."""
+    config = getattr(core_attention, "config", None)
+    dropout = getattr(core_attention, "attention_dropout", None)
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) else dropout
+    if p is None:
+        p = getattr(config, "attention_dropout", 0.0)
+    if p and core_attention.training:
+        return f"attention dropout {p}"  # its RNG must stay Megatron's (tensor-parallel tracker)
+    if getattr(config, "window_size", None) is not None:
+        from megatron.core.transformer.utils import is_layer_window_attention
+
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+            return f"sliding window {config.window_size}"
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        return f"softmax_type {config.softmax_type}"
+    if getattr(config, "fp8_dot_product_attention", False) or getattr(config, "fp8_multi_head_attention", False):
+        return "FP8 attention"
+    return None
 
 
 def attach_lse_attention(core_attention: torch.nn.Module, capture: "SupervisionCapture", layer_number: int) -> None:
@@ -81,38 +128,34 @@ def attach_lse_attention(core_attention: torch.nn.Module, capture: "SupervisionC
 
     While the capture wants this layer's attention it runs the same causal softmax attention
     through a fused kernel that yields the log-sum-exp, so the mass needs only the [text × image]
-    block (no S×S matrix); otherwise (or where the fused path does not apply: explicit masks,
-    packed sequences, fp32 on CUDA) it runs the original module and, if wanted, recomputes the text
-    rows' log-sum-exp in chunks. The module itself is kept (its parameters and `_extra_state`
-    stay where checkpoints expect them); only its forward is wrapped.
+    block (no S×S matrix). Where the fused kernel would not compute what the module does
+    (`fused_unsupported`: dropout, sliding window, another softmax, FP8 attention; or explicit
+    masks, packed sequences, fp32 on CUDA), the original module runs and, if wanted, the text
+    rows' log-sum-exp is recomputed in chunks. The module itself is kept (its parameters and
+    `_extra_state` stay where checkpoints expect them); only its forward is wrapped.
     """
     original = core_attention.forward
-
-    def scale_of(query) -> float:
-        scale = getattr(core_attention, "softmax_scale", None)
-        return scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
 
     def forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):  # Megatron's interface; tensors [s, b, heads, dim]
         wanted = capture.wants_attention(layer_number)
-        fused_ok = (capture.active and attention_mask is None and attention_bias is None and packed_seq_params is None
-                    and not kwargs and (not query.is_cuda or query.dtype in (torch.float16, torch.bfloat16)))
+        scale = softmax_scale_of(core_attention, query.shape[-1])
+        fused_ok = (capture.active and fused_unsupported(core_attention, layer_number) is None and attention_mask is None and attention_bias is None
+                    and packed_seq_params is None and not kwargs
+                    and (not query.is_cuda or query.dtype in (torch.float16, torch.bfloat16)))
         if not fused_ok:
             out = original(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                            attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
             if wanted:
-                capture.record_attention(layer_number, query, key, lse=None, scale=scale_of(query))
+                capture.record_attention(layer_number, query, key, lse=None, scale=scale)
             return out
         sq, b, heads, dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if k.shape[1] != heads:  # grouped-query attention: each query head uses its group's key
-            k = k.repeat_interleave(heads // k.shape[1], dim=1)
-            v = v.repeat_interleave(heads // v.shape[1], dim=1)
-        dropout = getattr(core_attention, "attention_dropout", None)
-        p = dropout.p if core_attention.training and isinstance(dropout, torch.nn.Dropout) else 0.0
-        out, lse = sdpa_with_lse(q, k, v, scale_of(query), p)
+        out, lse = sdpa_with_lse(q, k, v, scale)
         if wanted:
-            capture.record_attention(layer_number, query, key, lse=lse, scale=scale_of(query))
+            capture.record_attention(layer_number, query, key, lse=lse, scale=scale)
+        # [B, H, S, D] → Megatron's [S, B, H·D]; a view when the kernel's output is laid out
+        # sequence-first, a copy otherwise.
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
 
     core_attention.forward = forward
@@ -133,8 +176,9 @@ class SupervisionCapture:
     # -- per micro-batch -------------------------------------------------------------------------
     def reset(self) -> None:
         self.image_mask = self.text_mask = None
-        self.projected = None            # V rows [M, d] (with grad)
-        self.target = None               # Σ w_l h_l[image] rows [M, d] fp32
+        self.layout: Optional[S.RowLayout] = None  # padded image/text row indices of the micro-batch
+        self.projected = None            # V rows [B, W, d] (with grad; padded slots 0)
+        self.target = None               # Σ w_l h_l[image] rows [B, W, d] fp32
         self.mass = None                 # Σ_l mass_l [B, S] fp32
         self.layers_seen: set[int] = set()
         self.attention_seen: set[int] = set()
@@ -142,8 +186,11 @@ class SupervisionCapture:
         self.pending = None              # λ1·L_das + λ2·L_sds, waiting for the block output
 
     def begin(self, image_mask: torch.Tensor, text_mask: torch.Tensor) -> None:
+        """Start a micro-batch. Its one host synchronisation happens here (RowLayout reads the
+        row counts); everything after it, in every layer, runs on shapes the host knows."""
         self.reset()
         self.image_mask, self.text_mask = image_mask, text_mask
+        self.layout = S.RowLayout.from_masks(image_mask, text_mask)
 
     @property
     def active(self) -> bool:
@@ -152,12 +199,12 @@ class SupervisionCapture:
 
     @property
     def has_images(self) -> bool:
-        return self.image_mask is not None and bool(self.image_mask.any())
+        return self.layout is not None and self.layout.has_images
 
     def set_projected(self, combined_embeddings: torch.Tensor) -> None:
         """combined_embeddings: the decoder input [S, B, h]; V = its rows at the image positions."""
         if self.has_images:
-            self.projected = combined_embeddings.transpose(0, 1)[self.image_mask]
+            self.projected = self.layout.gather(combined_embeddings)
 
     # -- called from the decoder -----------------------------------------------------------------
     def wants_attention(self, layer_number: int) -> bool:
@@ -170,7 +217,7 @@ class SupervisionCapture:
         q = query.detach().permute(1, 2, 0, 3)
         k = key.detach().permute(1, 2, 0, 3)
         mass = S.text_to_image_attention(
-            q, k, self.text_mask, self.image_mask, lse=None if lse is None else lse.detach(), scale=scale,
+            q, k, lse=None if lse is None else lse.detach(), scale=scale, layout=self.layout,
             tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None)
         self.mass = mass if self.mass is None else self.mass + mass
 
@@ -185,7 +232,7 @@ class SupervisionCapture:
                 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
                 full = gather_from_sequence_parallel_region(full, tensor_parallel_output_grad=False)
-            rows = full.transpose(0, 1)[self.image_mask].float() * self.weights[layer_number - 1]
+            rows = self.layout.gather(full).float() * self.weights[layer_number - 1]
             self.target = rows if self.target is None else self.target + rows  # eq. 4, running sum
         if layer_number == self.k and not self.done:
             self._compute_losses()
@@ -200,15 +247,12 @@ class SupervisionCapture:
     # -- the losses (eq. 5-8) ----------------------------------------------------------------------
     def losses(self) -> dict:
         """L_das and L_sds of this micro-batch from the captured state (differentiable in V)."""
-        counts = self.image_mask.sum(dim=1)
-        v = pad_rows(self.projected, counts)
-        v_hat = pad_rows(self.target, counts)
+        v, v_hat = self.projected, self.target  # [B, W, d], padded slots 0
         # eq. 5 from the running sum over layers 1..k (the 1/(k·n) factor cancels in the
         # normalisation); the `equal` ablation ignores the masses.
-        masses = (self.mass if self.basic.degree == "attention" else
-                  torch.zeros(self.image_mask.shape, device=self.image_mask.device)).unsqueeze(0)
+        masses = self.mass.unsqueeze(0) if self.basic.degree == "attention" else None
         degree = S.supervision_degree(masses, self.image_mask, mode=self.basic.degree)
-        a = pad_rows(degree[self.image_mask], counts)
+        a = self.layout.image_values(degree)
         out = {}
         if self.basic.das:
             out["das"] = S.directional_alignment_loss(v, v_hat, a)

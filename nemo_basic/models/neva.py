@@ -7,7 +7,6 @@ hook is installed and the model is exactly NeVA.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 from typing import Callable, Optional
@@ -46,6 +45,7 @@ class BasicMCoreNevaModel(MCoreNevaModel):
         self.capture: Optional[SupervisionCapture] = None
         self.carry = False  # supervision carried between pipeline stages (k beyond stage 0)
         self._received: Optional[torch.Tensor] = None
+        self._placement_args = None  # (input_ids, num_image_tiles, text_lengths, image token) of this forward
         self._embedding_sync = None
         if not self.basic.active or not self.add_decoder:
             return
@@ -69,30 +69,23 @@ class BasicMCoreNevaModel(MCoreNevaModel):
                 layer.register_forward_hook(functools.partial(_after_layer, self.capture, layer.layer_number))
         self.language_model.decoder.register_forward_hook(functools.partial(_after_block, self.capture))
 
-    # -- image / text positions, from NeVA's own placement bookkeeping ------------------------------
-    def placement_masks(self, input_ids, num_image_tiles, attention_mask=None, packed_seq_params=None,
-                        image_token_index=IMAGE_TOKEN_INDEX, text_lengths=None):
-        """Bool [B, S] masks of the image and text positions of the combined sequence.
+    # -- image / text positions of the combined sequence ------------------------------------------
+    def placement_masks(self, input_ids, num_image_tiles, seq_len: int, text_lengths=None,
+                        image_token_index=IMAGE_TOKEN_INDEX):
+        """Bool [B, S] masks of the image and text positions of the combined sequence (S = seq_len,
+        the decoder's sequence length); see the module function `placement_masks`."""
+        return placement_masks(input_ids, num_image_tiles, self._img_seq_len, seq_len, text_lengths,
+                               image_token_index)
 
-        Runs NeVA's `_preprocess_data` on 1-wide stand-in embeddings (images 1, text 2, padding 0),
-        so expansion of each placeholder to img_seq_len × tiles, per-sample padding, pipeline and
-        sequence-parallel padding and truncation to the maximum length are exactly the model's.
-        Tokens at or beyond `text_lengths[b]` (the tokenizer's right padding) are neither."""
-        view = copy.copy(self)  # shallow: only the stage flags differ
-        view.pre_process, view.post_process = True, False
-        batch, text_len = input_ids.shape
-        tiles = int(num_image_tiles.sum()) if num_image_tiles.numel() else 0
-        images = torch.ones(self._img_seq_len, tiles, 1, device=input_ids.device)
-        text = torch.full((batch, text_len, 1), 2.0, device=input_ids.device)
-        if text_lengths is not None:
-            positions = torch.arange(text_len, device=input_ids.device)
-            text[positions[None, :] >= text_lengths.to(input_ids.device)[:, None]] = 0.0
-        with torch.no_grad():
-            placed, *_ = MCoreNevaModel._preprocess_data(
-                view, images, text, input_ids, None, None, False, image_token_index, num_image_tiles,
-                attention_mask, copy.deepcopy(packed_seq_params))
-        placed = placed[..., 0].transpose(0, 1)  # [B, S]
-        return placed == 1.0, placed == 2.0
+    def _begin_capture(self, seq_len: int) -> None:
+        input_ids, num_image_tiles, text_lengths, image_token_index = self._placement_args
+        image_mask, text_mask = self.placement_masks(input_ids, num_image_tiles, seq_len, text_lengths,
+                                                     image_token_index)
+        self.capture.begin(image_mask, text_mask)
+        if self.carry and not self.pre_process and self._received is not None and self.capture.has_images:
+            v, target, mass = pipeline.unpack(self._received, seq_len, self.capture.layout)
+            self.capture.projected, self.capture.target = v, target
+            self.capture.mass = mass if self.basic.degree == "attention" else None
 
     def forward(self, input_ids, position_ids, loss_mask=None, attention_mask=None, images=None,
                 labels=None, inference_params=None, num_image_tiles=None, image_token_index=IMAGE_TOKEN_INDEX,
@@ -107,17 +100,21 @@ class BasicMCoreNevaModel(MCoreNevaModel):
                 num_image_tiles = torch.ones(n, dtype=torch.int, device=input_ids.device)
             elif isinstance(num_image_tiles, list):
                 num_image_tiles = torch.tensor(num_image_tiles, dtype=torch.int, device=input_ids.device)
-            image_mask, text_mask = self.placement_masks(input_ids, num_image_tiles, attention_mask,
-                                                         packed_seq_params, image_token_index, text_lengths)
-            self.capture.begin(image_mask, text_mask)
+            if packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", None) == "thd":
+                raise BasicConfigError(
+                    "packed (THD) sequences are not supported with BASIC: its supervision needs each "
+                    "sample's image and text positions; turn sequence packing off in the data "
+                    "settings, or set basic.enabled = false")
+            self.capture.reset()
+            # The masks are built in _preprocess_data, where the combined length is known.
+            self._placement_args = (input_ids, num_image_tiles, text_lengths, image_token_index)
             scale = 1.0 / _num_microbatches()
             if self.config.grad_scale_func is not None:
-                scale = scale * float(self.config.grad_scale_func(torch.ones(1)))
+                # On the model's device, as Megatron's schedule does for its own aux losses: a
+                # CPU tensor here would meet the optimizer's CUDA loss scale, and float() of the
+                # product would synchronise the host every micro-batch.
+                scale = self.config.grad_scale_func(torch.ones(1, device=input_ids.device)) * scale
             AuxLossAutoScaler.set_loss_scale(scale)
-            if self.carry and not self.pre_process and self._received is not None and self.capture.has_images:
-                v, target, mass = pipeline.unpack(self._received, image_mask.shape[1], image_mask)
-                self.capture.projected, self.capture.target = v, target
-                self.capture.mass = mass if self.basic.degree == "attention" else None
         out = super().forward(input_ids, position_ids, loss_mask=loss_mask, attention_mask=attention_mask,
                               images=images, labels=labels, inference_params=inference_params,
                               num_image_tiles=num_image_tiles, image_token_index=image_token_index,
@@ -131,7 +128,7 @@ class BasicMCoreNevaModel(MCoreNevaModel):
     def _pack(self, hidden: torch.Tensor) -> torch.Tensor:
         c = self.capture
         live = c.has_images and not c.done  # after layer k the planes are zeros
-        return pipeline.pack(hidden, c.image_mask if live else None, c.projected if live else None,
+        return pipeline.pack(hidden, c.layout if live else None, c.projected if live else None,
                              c.target if live else None, c.mass if live else None)
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -166,9 +163,49 @@ class BasicMCoreNevaModel(MCoreNevaModel):
 
     def _preprocess_data(self, *args, **kwargs):
         out = super()._preprocess_data(*args, **kwargs)
-        if self.capture is not None and self.pre_process and out[0] is not None:
-            self.capture.set_projected(out[0])  # decoder input [S, B, h]; V = its image rows
+        if self.capture is not None and self._placement_args is not None:
+            # The combined length: the decoder input's on the first stage; under pipeline
+            # parallelism NeVA pads and truncates every micro-batch to the fixed maximum length.
+            seq_len = out[0].shape[0] if self.pre_process else self._language_max_sequence_length
+            self._begin_capture(seq_len)
+            self._placement_args = None
+            if self.pre_process:
+                self.capture.set_projected(out[0])  # decoder input [S, B, h]; V = its image rows
         return out
+
+
+def placement_masks(input_ids: torch.Tensor, num_image_tiles: torch.Tensor, img_seq_len: int, seq_len: int,
+                    text_lengths: Optional[torch.Tensor] = None, image_token_index: int = IMAGE_TOKEN_INDEX):
+    """Bool [B, S] image and text masks of NeVA's combined sequence, vectorised (no host sync).
+
+    NeVA's `_preprocess_data` replaces the i-th placeholder token (row-major over the batch) by
+    img_seq_len × num_image_tiles[i] image positions and keeps every other token as one text
+    position, in order; positions at or beyond S are truncated. The same rule, as cumulative
+    spans: token t of sample b ends at position cumsum(span)[b, t] − 1. Tokens at or beyond
+    `text_lengths[b]` are the tokenizer's right padding: neither image nor text."""
+    batch, tokens = input_ids.shape
+    device = input_ids.device
+    is_image = input_ids == image_token_index
+    span = torch.ones(batch, tokens, dtype=torch.long, device=device)
+    if num_image_tiles.numel():
+        order = (torch.cumsum(is_image.reshape(-1).long(), 0) - 1).clamp(0, num_image_tiles.numel() - 1)
+        tiles = num_image_tiles.to(device=device, dtype=torch.long)[order].view(batch, tokens)
+        span = torch.where(is_image, tiles * img_seq_len, span)
+    end = torch.cumsum(span, dim=1)            # one past each token's last position
+    start = end - span
+    spill = seq_len                            # a column for everything truncated or not wanted
+    is_text = ~is_image
+    if text_lengths is not None:
+        is_text &= torch.arange(tokens, device=device)[None, :] < text_lengths.to(device)[:, None]
+    text = torch.zeros(batch, seq_len + 1, dtype=torch.bool, device=device)
+    text.scatter_(1, torch.where(is_text, start.clamp(max=spill), spill), True)
+    # Image spans as +1 at their start and −1 one past their end, summed along the sequence.
+    edges = torch.zeros(batch, seq_len + 1, dtype=torch.int32, device=device)
+    ones = is_image.to(torch.int32)
+    edges.scatter_add_(1, torch.where(is_image, start.clamp(max=spill), spill), ones)
+    edges.scatter_add_(1, torch.where(is_image, end.clamp(max=spill), spill), -ones)
+    image = torch.cumsum(edges, dim=1)[:, :seq_len] > 0
+    return image, text[:, :seq_len]
 
 
 def stage_of_layer(lm_config, pp: int, layer: int) -> int:
@@ -240,6 +277,8 @@ class BasicNevaConfig(NevaConfig):
                 f"basic.layers = {k} spans pipeline stages, which is not supported together with "
                 "sequence_parallel yet: lower basic.layers to the first stage's layers or turn "
                 "sequence_parallel off")
+        if self.basic.active:
+            self._reject_unsupported_layouts(k)
         if self.basic.active and (self.calculate_per_token_loss or lm.calculate_per_token_loss):
             # Megatron then skips the 1/num_microbatches of each loss and divides all gradients by
             # the step's token count in finalize_model_grads; the aux losses, scaled per
@@ -250,7 +289,70 @@ class BasicNevaConfig(NevaConfig):
                 "averaged per micro-batch; set calculate_per_token_loss = False or basic.enabled = False")
         return k
 
+    def _reject_unsupported_layouts(self, k: int) -> None:
+        """Settings under which BASIC's supervision would be wrong or crash: refuse them by name."""
+        lm = self.language_transformer_config
+        enabled = "or set basic.enabled = false"
+        if max(self.context_parallel_size or 1, lm.context_parallel_size or 1) > 1:
+            raise BasicConfigError(
+                f"context_parallel_size = {max(self.context_parallel_size, lm.context_parallel_size)} is not "
+                "supported with BASIC: each rank would hold a slice of the sequence, while the target and "
+                f"the attention mass need every image and text position; set context_parallel_size = 1 {enabled}")
+        vpp = getattr(self, "virtual_pipeline_model_parallel_size", None) or getattr(
+            lm, "virtual_pipeline_model_parallel_size", None)
+        if vpp is not None and vpp > 1:
+            raise BasicConfigError(
+                f"virtual_pipeline_model_parallel_size = {vpp} (interleaved pipeline) is not supported "
+                f"with BASIC: set it to null {enabled}")
+        for key in ("fp8_dot_product_attention", "fp8_multi_head_attention"):
+            if getattr(self, key, False) or getattr(lm, key, False):
+                raise BasicConfigError(
+                    f"{key} = True is not supported with BASIC: layers 1..{k} run their core attention "
+                    f"through a kernel that also returns the log-sum-exp and takes bf16/fp16 q, k, v; "
+                    f"set {key} = False (FP8 linear layers, fp8 = hybrid, are fine) {enabled}")
+        if self.basic.degree == "attention":
+            window = getattr(lm, "window_size", None)
+            if window is not None and window[0] is not None and 0 <= window[0] < self._sequence_length():
+                raise BasicConfigError(
+                    f"window_size = {tuple(window)} (sliding-window attention) is not supported with "
+                    "basic.degree = attention: eq. 5's attention mass assumes full causal attention; use "
+                    f"basic.degree = equal or a window of at least the sequence length {enabled}")
+            softmax = getattr(lm, "softmax_type", "vanilla")
+            if softmax != "vanilla":
+                raise BasicConfigError(
+                    f"softmax_type = {softmax!r} is not supported with basic.degree = attention (eq. 5 "
+                    f"needs the plain softmax); use basic.degree = equal {enabled}")
+
+    def _sequence_length(self) -> int:
+        return int(getattr(self, "seq_length", None) or getattr(self.language_transformer_config, "seq_length", None)
+                   or 2 ** 31)
+
+    # Set on the top-level config by NeMo's MegatronMixedPrecision (MegatronStrategy applies it to
+    # `model.config` only); the decoder reads them from the language config, which NeVA's
+    # configure_model does not update (NeMo's Qwen2-VL config copies them the same way).
+    PRECISION_ATTRS = ("fp16", "bf16", "params_dtype")
+    FP8_ATTRS = ("fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo",
+                 "fp8_wgrad", "fp8_param", "fp8_dot_product_attention", "fp8_multi_head_attention",
+                 "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
+
+    def propagate_precision(self) -> None:
+        """Copy mixed-precision settings that were set on the top-level config into the
+        sub-configs: fp16/bf16/params_dtype into all three, FP8 into the language model only (the
+        frozen vision tower stays in bf16). Unset ones (fp32, fp8 None) never overwrite a
+        sub-config's own choice."""
+        subs = [c for c in (self.language_transformer_config, self.vision_transformer_config,
+                            self.vision_projection_config) if c is not None]
+        if getattr(self, "bf16", False) or getattr(self, "fp16", False):
+            for sub in subs:
+                for attr in self.PRECISION_ATTRS:
+                    setattr(sub, attr, getattr(self, attr))
+        if getattr(self, "fp8", None) is not None:
+            for attr in self.FP8_ATTRS:
+                if hasattr(self, attr):
+                    setattr(self.language_transformer_config, attr, getattr(self, attr))
+
     def configure_model(self, tokenizer, vp_stage: Optional[int] = None) -> BasicMCoreNevaModel:
+        self.propagate_precision()
         self.validate_basic()
         # NevaConfig.configure_model adjusts the sub-configs, then calls the module-level name
         # MCoreNevaModel(...); point that name at our subclass for the call, so the upstream
@@ -276,25 +378,32 @@ class BasicNevaModel(NevaModel):
     def _captures(self):
         return [m.capture for m in self.modules() if isinstance(m, BasicMCoreNevaModel) and m.capture is not None]
 
-    def basic_losses(self) -> dict:
-        """This step's BASIC losses, averaged over micro-batches with images and over the
-        pipeline and data-parallel ranks (as the LM loss is); pops the captured values."""
-        sums = torch.zeros(4, dtype=torch.float64)  # das sum, das count, sds sum, sds count
+    def loss_sums(self) -> torch.Tensor:
+        """[das sum, das count, sds sum, sds count] of this step, summed over the pipeline and
+        data-parallel ranks; pops the captured values. The tensor lives on the model's device:
+        those groups are NCCL on GPUs, which takes no CPU tensor (float64 is fine for NCCL)."""
+        device = next(self.parameters()).device
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
         for capture in self._captures():
             logs = capture.pop_logs()
             for i, name in enumerate(("das", "sds")):
                 if name in logs:
-                    sums[2 * i] += float(logs[name][0])
-                    sums[2 * i + 1] += logs[name][1]
+                    total, count = logs[name]
+                    sums[2 * i] += total.to(device=device, dtype=torch.float64)  # stays on the device
+                    sums[2 * i + 1] += count
         if torch.distributed.is_initialized() and ps.model_parallel_is_initialized():
             # Only the stage holding layer k has values; then average over data-parallel ranks.
             torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
             torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
-        out = {}
-        for i, name in enumerate(("das", "sds")):
-            if sums[2 * i + 1] > 0:
-                out[name] = sums[2 * i] / sums[2 * i + 1]
-        return out
+        return sums
+
+    def basic_losses(self) -> dict:
+        """This step's BASIC losses, averaged over micro-batches with images and over the
+        pipeline and data-parallel ranks (as the LM loss is); pops the captured values. One host
+        transfer per step, for the logger."""
+        das, das_n, sds, sds_n = self.loss_sums().tolist()
+        return {name: total / count for name, total, count in (("das", das, das_n), ("sds", sds, sds_n))
+                if count > 0}
 
     def on_fit_start(self):
         # With layers 1..k spanning pipeline stages, the activation exchanged between stages has
@@ -312,7 +421,7 @@ class BasicNevaModel(NevaModel):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         for name, value in self.basic_losses().items():
-            self.log(f"basic {name} loss", float(value), prog_bar=True, batch_size=1, rank_zero_only=True)
+            self.log(f"basic {name} loss", value, prog_bar=True, batch_size=1, rank_zero_only=True)
         # NeMo's strategy has logged L_lm (reduced over micro-batches and data-parallel ranks) as
         # reduced_train_loss; the aux losses are not part of it. Log it under its BASIC name too.
         lm = self.trainer.callback_metrics.get("reduced_train_loss")

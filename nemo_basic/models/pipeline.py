@@ -50,45 +50,43 @@ def _join(parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def pack(hidden: torch.Tensor, image_mask: Optional[torch.Tensor], projected: Optional[torch.Tensor],
-         target: Optional[torch.Tensor], mass: Optional[torch.Tensor]) -> torch.Tensor:
-    """Append the carrier planes to a stage's output hidden state [S, B, h]."""
+def pack(hidden: torch.Tensor, layout, projected: Optional[torch.Tensor], target: Optional[torch.Tensor],
+         mass: Optional[torch.Tensor]) -> torch.Tensor:
+    """Append the carrier planes to a stage's output hidden state [S, B, h]. `layout` is the
+    micro-batch's `RowLayout` (None: nothing live, zero planes); V and the target are its padded
+    [B, W, h] rows. Index scatters only: no host synchronisation."""
     seq, batch, width = hidden.shape
     dtype = hidden.dtype
-    zeros = hidden.new_zeros(batch, seq, width)
-    if image_mask is not None and projected is not None:
-        v_plane = zeros.index_put((image_mask,), projected.to(dtype))  # keeps V's gradient path
+    live = layout is not None
+    # V keeps its gradient path through the scatter (index_add is differentiable in its source).
+    v_plane = layout.scatter(projected.to(dtype)) if live and projected is not None else hidden.new_zeros(seq, batch, width)
+    if live and target is not None:
+        t_full = layout.scatter(target.detach().float())
     else:
-        v_plane = zeros
-    if image_mask is not None and target is not None:
-        t_full = torch.zeros(batch, seq, width, dtype=torch.float32, device=hidden.device)
-        t_full[image_mask] = target.detach().float()
-    else:
-        t_full = torch.zeros(batch, seq, width, dtype=torch.float32, device=hidden.device)
+        t_full = torch.zeros(seq, batch, width, dtype=torch.float32, device=hidden.device)
     rows = math.ceil(seq / width)
     m_full = torch.zeros(batch, rows * width, dtype=torch.float32, device=hidden.device)
     if mass is not None:
         m_full[:, :seq] = mass.detach().float()
-    m_full = m_full.view(batch, rows, width)
-    planes = [v_plane] + _split(t_full, dtype) + _split(m_full, dtype)
-    return torch.cat([hidden] + [p.transpose(0, 1) for p in planes], dim=0)
+    m_planes = [p.transpose(0, 1) for p in _split(m_full.view(batch, rows, width), dtype)]
+    return torch.cat([hidden, v_plane] + _split(t_full, dtype) + m_planes, dim=0)
 
 
-def unpack(received: torch.Tensor, seq: int, image_mask: torch.Tensor):
-    """Inverse of `pack` on the carrier part (rows after the hidden state): returns V rows (with
-    the gradient path into `received`), the fp32 target rows and the fp32 mass [B, S]."""
+def unpack(received: torch.Tensor, seq: int, layout):
+    """Inverse of `pack` on the carrier part (rows after the hidden state): returns V rows
+    [B, W, h] (with the gradient path into `received`), the fp32 target rows [B, W, h] and the
+    fp32 mass [B, S]."""
     width = received.shape[-1]
     dtype = received.dtype
     n = target_planes(dtype)
     rows = math.ceil(seq / width)
-    planes = received.transpose(0, 1)  # [B, rows_total, h]
-    v_plane = planes[:, :seq]
-    t_parts = [planes[:, seq * (1 + i): seq * (2 + i)] for i in range(n)]
+    v_plane = received[:seq]                                            # [S, B, h]
+    t_parts = [received[seq * (1 + i): seq * (2 + i)] for i in range(n)]
     start = seq * (1 + n)
-    m_parts = [planes[:, start + i * rows: start + (i + 1) * rows] for i in range(n)]
-    target = _join([p[image_mask] for p in t_parts])
+    m_parts = [received[start + i * rows: start + (i + 1) * rows].transpose(0, 1) for i in range(n)]
+    target = _join([layout.gather(p) for p in t_parts])
     mass = _join([p.reshape(p.shape[0], -1)[:, :seq] for p in m_parts])
-    return v_plane[image_mask], target, mass
+    return layout.gather(v_plane), target, mass
 
 
 class EmbeddingSync:

@@ -237,3 +237,50 @@ def nemo_train_logs(rank, world, tp: int, pp: int, steps: int, k: int = 2) -> di
     trainer.callbacks.append(Record())
     trainer.fit(model, tiny_neva.SyntheticNevaDataModule())
     return {"history": history, "step": trainer.global_step}
+
+
+def host_syncs(rank, world, cases) -> list:
+    """Host synchronisations of one forward + backward, BASIC on minus BASIC off (same weights,
+    same batch), for each (k, batch size) case: what BASIC adds per micro-batch."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_basic.testing.syncs import count_host_syncs
+
+    out = []
+    for k, batch_size in cases:
+        counts = {}
+        for enabled in (False, True):
+            model = build(BasicConfig(enabled=enabled, layers=k), num_layers=4, micro_batch_size=batch_size)
+            b = tiny.tiny_batch(3, batch_size=batch_size)
+            _call(model, b)  # warm-up: one-time work (e.g. kernel probes) is not per micro-batch
+            model.zero_grad(set_to_none=True)
+            with count_host_syncs() as counter:
+                per_token, mask = _call(model, b)
+                tiny.lm_loss(per_token, mask).backward()
+            counts[enabled] = dict(counter.counts)
+            if enabled:
+                counts["logged"] = len(model.capture.logs) > 0
+            ps.destroy_model_parallel()
+        added = {name: counts[True].get(name, 0) - counts[False].get(name, 0)
+                 for name in set(counts[True]) | set(counts[False])}
+        out.append({"k": k, "batch": batch_size, "added": added, "on": counts[True], "off": counts[False],
+                    "logged": counts["logged"]})
+    return out
+
+
+def packed_sequences_rejected(rank, world) -> str:
+    """A THD-packed micro-batch reaching a BASIC model: the error it raises."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from nemo_basic.models.basic_config import BasicConfigError
+
+    model = build(BasicConfig(layers=2))
+    b = tiny.tiny_batch(0)
+    cu = torch.tensor([0, 20, 40], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=20, max_seqlen_kv=20)
+    try:
+        model(input_ids=b.input_ids, position_ids=None, loss_mask=b.loss_mask, labels=b.labels, images=b.images,
+              num_image_tiles=b.num_image_tiles, packed_seq_params=packed)
+    except BasicConfigError as e:
+        return str(e)
+    return "no error"

@@ -160,3 +160,15 @@ def test_nemo_training_logs_three_losses(tp, pp, k):
     for step in history:
         for key in ("lm loss", "basic das loss", "basic sds loss"):
             assert key in step and math.isfinite(step[key]) and step[key] > 0, (key, sorted(step))
+
+
+def test_host_syncs_per_micro_batch_are_a_small_constant():
+    """BASIC adds one host synchronisation per micro-batch (the row counts read by RowLayout),
+    whatever k and the batch size: no per-layer or per-sample `nonzero`, `.item()`, boolean
+    gather or `tolist()` (on a GPU each of those stalls the host)."""
+    (results,) = run_distributed(W.host_syncs, 1, [(1, 1), (3, 2), (3, 4)])
+    for r in results:
+        assert r["logged"], r
+        assert sum(r["added"].values()) <= 1, r
+        assert all(v >= 0 for v in r["added"].values()), r
+    assert len({sum(r["added"].values()) for r in results}) == 1, results
