@@ -6,7 +6,6 @@ on the first 64 patches and reports the peak extra memory of the chunked scoring
 """
 import argparse
 import time
-import tracemalloc  # noqa: F401  (torch allocations are not traced; memory is computed from shapes)
 
 import torch
 

@@ -48,6 +48,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="analysis", help="output directory")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"),
                    help="dtype the model runs in")
+    p.add_argument("--device", default="cpu", help="device the model runs on (cpu, cuda, cuda:1, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -75,7 +76,7 @@ def open_model(args):
 
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[args.dtype]
     if args.hf:
-        yield HFLlava.load(args.hf, dtype)
+        yield HFLlava.load(args.hf, dtype, args.device)
         return
     from nemo_basic.export.checkpoint import CheckpointError, load_checkpoint_context
 
@@ -94,7 +95,7 @@ def open_model(args):
     with tempfile.TemporaryDirectory(prefix="nemo_basic_lens_") as tmp:
         say(f"exporting {args.checkpoint} to a temporary Hugging Face directory")
         hf = export_hf_llava(args.checkpoint, os.path.join(tmp, "hf"))
-        wrapped = HFLlava.load(hf, dtype)
+        wrapped = HFLlava.load(hf, dtype, args.device)
         wrapped.source = os.path.abspath(args.checkpoint)
         yield wrapped
 

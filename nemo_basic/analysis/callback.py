@@ -36,7 +36,8 @@ def visual_embeddings(mcore, pixels: torch.Tensor) -> torch.Tensor:
     """V [m, n_images, h] of a Megatron NeVA module for ``pixels`` [n, 3, H, W]: the vision tower's
     selected hidden state, class token dropped, through the projector (as NeVA's forward does)."""
     config = mcore.config
-    images = pixels.to(next(mcore.vision_model.parameters()).dtype)
+    param = next(mcore.vision_model.parameters())
+    images = pixels.to(device=param.device, dtype=param.dtype)
     if getattr(mcore, "vision_model_from_hf", False):
         emb = mcore.vision_model(images, output_hidden_states=True)[-1][config.vision_feature_layer]
     else:

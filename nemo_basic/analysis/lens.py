@@ -63,7 +63,7 @@ class HFLlava:
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "HFLlava":
+    def load(cls, hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "HFLlava":
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
         hf_dir = Path(hf_dir)
@@ -78,6 +78,7 @@ class HFLlava:
             raise AnalysisError(f"{hf_dir} has no preprocessor_config.json (the image processor)")
         model = LlavaForConditionalGeneration.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True,
                                                               attn_implementation="eager")
+        model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
         processor = AutoImageProcessor.from_pretrained(str(hf_dir), local_files_only=True)
         return cls(model, tokenizer, processor, source=str(hf_dir))
@@ -118,7 +119,7 @@ class HFLlava:
     # -- forward pieces ---------------------------------------------------------------------------
     def pixels(self, image) -> torch.Tensor:
         out = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
-        return out.to(self.model.dtype)
+        return out.to(device=self.model.device, dtype=self.model.dtype)
 
     def visual_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """V [m, d]: the projector output of one image."""
@@ -150,7 +151,7 @@ class HFLlava:
     def embeddings(self, ids: list, start: int, v: torch.Tensor) -> torch.Tensor:
         """inputs_embeds [1, S, d]: E[ids] with V at the image positions."""
         E = self.model.get_input_embeddings().weight
-        x = E[torch.tensor(ids)].detach().clone()
+        x = E[torch.tensor(ids, device=E.device)].detach().clone()
         x[start:start + v.shape[0]] = v.to(x.dtype)
         return x.unsqueeze(0)
 

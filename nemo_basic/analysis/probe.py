@@ -25,7 +25,8 @@ def greedy(model: HFLlava, embeds: torch.Tensor, max_new_tokens: int) -> list:
             out.append(nxt)
             if nxt in stops:
                 break
-            res = model.model(input_ids=torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True)
+            res = model.model(input_ids=torch.tensor([[nxt]], device=embeds.device), past_key_values=res.past_key_values,
+                              use_cache=True)
     return out
 
 
@@ -42,7 +43,7 @@ def run_probe(model: HFLlava, items: Sequence[dict], prompt: str = DEFAULT_PROMP
         E = model.model.get_input_embeddings().weight
         ids, start = model.prompt_ids(prompt, v.shape[0])
         real = greedy(model, model.embeddings(ids, start, v), max_new_tokens)
-        replaced = greedy(model, model.embeddings(ids, start, E[nearest].detach()), max_new_tokens)
+        replaced = greedy(model, model.embeddings(ids, start, E[nearest.to(E.device)].detach()), max_new_tokens)
         dec = lambda t: model.tokenizer.decode(t, skip_special_tokens=True).strip()  # noqa: E731
         row = {"image": item.get("path"), "real": dec(real), "replaced": dec(replaced), "real_ids": real,
                "replaced_ids": replaced, "nearest_ids": nearest.tolist(), "same": real == replaced}
