@@ -191,3 +191,31 @@ def test_mask_is_not_installed_without_padding():
                                       num_attention_heads=2, max_position_embeddings=64))
     model = build_gpt_model(hf_llama_config_to_mcore(hf.config))
     assert not model.output_layer._forward_hooks and not hasattr(model, "padded_vocab_mask")
+
+
+@pytest.mark.parametrize("family,tower", [("gemma", "siglip"), ("phi3", "clip")])
+def test_llava_import_export_round_trip_is_exact(family, tower, llava_dirs, tmp_path):
+    """HF LLaVA -> our checkpoint -> HF LLaVA (fp32): the same tensors, and the family's text config."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from nemo_basic.export.hf import export_hf_llava, import_hf_llava
+
+    src = llava_dirs[family, tower]
+    ckpt = import_hf_llava(src, tmp_path / "ckpt", seq_length=64)
+    out = export_hf_llava(ckpt, tmp_path / "hf", dtype=torch.float32)
+    from nemo_basic.models.builder import read_hf_state_dict
+    from nemo_basic.export.llava import HF_LLAVA_RENAME
+
+    a, b = read_hf_state_dict(src, rename=HF_LLAVA_RENAME), {}  # transformers writes the legacy names
+    for f in sorted(out.glob("*.safetensors")):
+        b.update(load_file(str(f)))
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    text_src, text_out = AutoConfig.from_pretrained(str(src)).text_config, AutoConfig.from_pretrained(str(out)).text_config
+    assert type(text_out) is type(text_src)
+    for field in ("vocab_size", "hidden_size", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+                  "tie_word_embeddings", "rope_theta"):
+        if hasattr(text_src, field):
+            assert getattr(text_out, field) == getattr(text_src, field), field
