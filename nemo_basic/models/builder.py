@@ -1,4 +1,5 @@
-"""Build a BASIC NeVA from Hugging Face parts: a Llama-family LLM directory and a vision-encoder
+"""Build a BASIC NeVA from Hugging Face parts: an LLM directory (Llama / Llama-3.x, Mistral, Qwen2,
+Gemma, Phi-3: ``nemo_basic.convert.families``) and a vision-encoder
 directory (CLIP, SigLIP, DINOv2), with a fresh projector: the stage-1 starting point.
 
     config = basic_neva_config_from_hf(llm_dir, vision_dir, basic=BasicConfig(...))
@@ -164,7 +165,8 @@ def tokenizer_only_dir(directory: str | os.PathLike) -> str:
 
 
 def language_config_from_hf(hf_text_config: Any, seq_length: int, **overrides: Any):
-    """NeMo ``LlamaConfig`` for a Llama-family HF config, with a TP-independent padded vocabulary."""
+    """The family's NeMo config (``nemo_basic.convert.nemo_configs``) for an HF LLM config, with a
+    TP-independent padded vocabulary (its padding logits are masked out of the LM softmax)."""
     from nemo_basic.convert.llama import _hf_config_dict
 
     cfg = _hf_config_dict(hf_text_config)
@@ -198,11 +200,13 @@ def basic_neva_config_from_hf(
     load_vision_weights: bool = True,
     **overrides: Any,
 ) -> BasicNevaConfig:
-    """A ``BasicNevaConfig`` for an HF Llama-family LLM and an HF vision encoder.
+    """A ``BasicNevaConfig`` for an HF LLM (any family of ``nemo_basic.convert.families``) and an HF
+    vision encoder.
 
     Args:
-        llm_dir: HF ``LlamaForCausalLM``-style directory (Llama, Vicuna, Mistral, SmolLM2; GQA and tied
-            embeddings supported). Only its config is read here; see :func:`load_hf_weights`.
+        llm_dir: HF causal-LM directory (Llama, Vicuna, SmolLM2, Llama-3.x, Mistral, Qwen2, Gemma,
+            Phi-3; GQA and tied embeddings supported). Only its config is read here; see
+            :func:`load_hf_weights`.
         vision_dir: HF CLIP / SigLIP / DINOv2 directory (weights load in ``configure_model``), or a
             ready :class:`HFVisionEncoderConfig`.
         basic: the BASIC switches (default ``BasicConfig()``: on, k = L // 2).
@@ -211,7 +215,7 @@ def basic_neva_config_from_hf(
         seq_length: maximum combined sequence (text + image tokens).
         image_size: input pixels; default: the vision directory's image processor crop.
         drop_vision_class_token: drop the class (and register) tokens of CLIP / DINOv2.
-        language_overrides: fields of the NeMo ``LlamaConfig`` (e.g. ``params_dtype``).
+        language_overrides: fields of the family's NeMo config (e.g. ``params_dtype``).
         load_vision_weights: the vision config points at ``vision_dir`` and ``configure_model``
             loads its weights; NeMo stores that path in every checkpoint's context and re-reads it
             on resume (the checkpoint's weights then win). ``False``: random until loaded.
@@ -327,7 +331,7 @@ def stage_state_dict(full: Mapping[str, torch.Tensor], module: torch.nn.Module, 
 
 
 def load_hf_weights(model: torch.nn.Module, llm_dir: str | os.PathLike) -> None:
-    """Load an HF Llama-family LLM into the language model of this rank's NeVA module.
+    """Load an HF LLM (any supported family) into the language model of this rank's NeVA module.
 
     Works under TP and PP (each rank takes its slice / stage, see the module docstring). The
     vision tower and projector are untouched. Raises naming the key on any mismatch."""
