@@ -127,8 +127,7 @@ class HFLlava:
             feats = self.model.get_image_features(
                 pixel_values=pixel_values, vision_feature_layer=self.config.vision_feature_layer,
                 vision_feature_select_strategy=self.config.vision_feature_select_strategy)
-        feats = feats[0] if isinstance(feats, (list, tuple)) else feats[0]
-        return feats
+        return feats[0]  # a list (one [m, d] per image) or a [1, m, d] tensor
 
     def prompt_ids(self, prompt: str, num_image_tokens: int) -> tuple[list, int]:
         """Token ids of ``prompt`` with ``num_image_tokens`` image placeholders at its marker, and the
@@ -260,7 +259,7 @@ def run_lens(model: HFLlava, items: Sequence[dict], layers: Sequence[int], promp
                                 f"{m} ({'x'.join(map(str, _grid_of(m)))})")
         hidden = model.hidden_states(v, prompt, layers)
         entry = {"image": item.get("path"), "grid": _grid_of(m), "token_ids": {}, "tokens": {}, "top5_ids": {},
-                 "top5_cos": {}, "labels": labels}
+                 "top5_cos": {}, "labels": labels if labels is not None else [None] * m}
         for l in layers:
             ids, cos = table.topk(hidden[l], k)
             key = str(l)

@@ -51,7 +51,8 @@ def render_image(image, entry: dict, layers: Sequence[int], path: str, title: Op
             t = ax.text(c + 0.5, r + 0.5, _short(tok), ha="center", va="center", fontsize=font, color="black",
                         bbox=dict(boxstyle="square,pad=0.05", fc="white", ec="none", alpha=0.6))
             t.set_parse_math(False)
-        share = sum(grounded) / len(grounded) if entry.get("labels") else None
+        labelled = sum(lab is not None for lab in entry.get("labels") or [])
+        share = sum(grounded) / labelled if labelled else None
         name = "layer 0 (projector output)" if layer == 0 else f"after layer {layer}"
         ax.set_title(name + (f" - grounded {share:.2f}" if share is not None else ""), fontsize=9)
         ax.set_xlim(0, cols)

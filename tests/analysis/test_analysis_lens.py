@@ -88,7 +88,7 @@ def _check_lens(result, images, reference, layers):
     assert len(result["images"]) == len(images)
     words = {i: w for w, i in W.vocabulary().items()}
     for entry, path in zip(result["images"], images):
-        assert entry["image"] == path and entry["grid"] == [4, 4] and entry["labels"] is None
+        assert entry["image"] == path and entry["grid"] == [4, 4] and entry["labels"] == [None] * W.M
         assert set(entry["token_ids"]) == set(entry["tokens"]) == {str(l) for l in layers}
         for l in layers:
             assert entry["token_ids"][str(l)] == reference[path][l], (path, l)
