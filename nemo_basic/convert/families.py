@@ -53,7 +53,7 @@ FAMILIES = {f.name: f for f in (
     Family("mistral", ("mistral",), "LlamaConfig", "MistralConfig", "MistralForCausalLM", ("silu", "swish")),
     Family("qwen2", ("qwen2",), "Qwen2Config", "Qwen2Config", "Qwen2ForCausalLM", ("silu", "swish"), qkv_bias=True),
     Family("gemma", ("gemma",), "GemmaConfig", "GemmaConfig", "GemmaForCausalLM",
-           ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"), gelu=True, zero_centered_norm=True,
+           ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"), gelu=True, zero_centered_norm=True,
            scale_embedding=True, always_tied=True),
     Family("phi3", ("phi3",), "Phi3Config", "Phi3Config", "Phi3ForCausalLM", ("silu", "swish"),
            fused_qkv=True, fused_gate_up=True),
@@ -78,8 +78,9 @@ def family_config_kwargs(cfg: dict, family: Family, seq_length: int) -> dict:
     """Megatron config fields for ``family`` beyond the Llama ones, after checking the HF config
     for features the Megatron model would not reproduce (``ValueError`` naming the field)."""
     mt = cfg.get("model_type")
-    act = cfg.get("hidden_activation") if family.name == "gemma" and cfg.get("hidden_activation") else cfg.get(
-        "hidden_act", family.activations[0])
+    # transformers' GemmaMLP applies ``hidden_act`` (its config calls ``hidden_activation`` the override,
+    # but the model does not read it): follow the model, which is the reference the tests compare to.
+    act = cfg.get("hidden_act", family.activations[0])
     if act not in family.activations:
         raise ValueError(f"{mt}: hidden_act={act!r} is not supported (expected one of {family.activations})")
     for flag in ("mlp_bias",) + (() if family.qkv_bias else ("attention_bias",)):
@@ -115,8 +116,8 @@ def family_config_kwargs(cfg: dict, family: Family, seq_length: int) -> dict:
 
     if family.qkv_bias:
         kw["add_qkv_bias"] = True
-    if family.gelu:
-        kw["activation_func"] = _tanh_gelu()
+    if family.gelu:  # "gelu": the exact erf form; the others: the tanh approximation
+        kw["activation_func"] = torch.nn.functional.gelu if act == "gelu" else _tanh_gelu()
     if family.zero_centered_norm:
         kw["layernorm_zero_centered_gamma"] = True
     if family.always_tied:

@@ -201,7 +201,7 @@ def nemo_llama_config_to_hf(config: Any, vocab_size: Optional[int] = None, **ove
         rope_theta=float(config.rotary_base),
         tie_word_embeddings=bool(config.share_embeddings_and_output_weights),
         initializer_range=config.init_method_std,
-        hidden_act="gelu_pytorch_tanh" if family.gelu else "silu",
+        hidden_act=("gelu" if config.activation_func is F.gelu else "gelu_pytorch_tanh") if family.gelu else "silu",
         architectures=[family.hf_causal_lm],
         bos_token_id=None, eos_token_id=None, pad_token_id=None,  # the tokenizer's, passed by the caller
     )

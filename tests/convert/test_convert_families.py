@@ -102,6 +102,22 @@ def test_llama3_rope_scaling_matters(hf_models, text_ids):
     assert (our_logits(config, sd, text_ids) - our_logits(plain, sd, text_ids))[..., :W.VOCAB].abs().max() > 1e-2
 
 
+def test_gemma_exact_gelu_checkpoints(text_ids):
+    """gemma-2b's config.json says hidden_act="gelu" (transformers' GemmaMLP uses it: the erf GELU)."""
+    from transformers import GemmaForCausalLM
+
+    torch.manual_seed(5)
+    hf = W.randomise(GemmaForCausalLM(W.hf_text_config("gemma").__class__(
+        **{**W.hf_text_config("gemma").to_dict(), "hidden_act": "gelu"})), 5).eval()
+    config = hf_llama_config_to_mcore(hf.config)
+    assert config.activation_func is torch.nn.functional.gelu
+    with torch.no_grad():
+        ref = hf(text_ids).logits
+    logits = our_logits(config, hf_llama_to_mcore(hf.state_dict(), config), text_ids)
+    torch.testing.assert_close(logits[..., :W.VOCAB], ref, rtol=0, atol=1e-4)
+    assert nemo_llama_config_to_hf(config).hidden_act == "gelu"
+
+
 def test_rejected_features_are_named():
     phi = W.hf_text_config("phi3").to_dict()
     with pytest.raises(ValueError, match="rope_scaling.*longrope"):
