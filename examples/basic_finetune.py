@@ -18,7 +18,21 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _quiet_console() -> None:
+    """Known harmless upstream warnings off the console (kept in the run folder): loaded from its
+    file, before the package (whose import already imports Megatron) is imported."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_nemo_basic_console",
+                                                  os.path.join(REPO, "nemo_basic", "recipes", "console.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    mod.install()
 
 
 def main(argv=None) -> int:
@@ -28,4 +42,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _quiet_console()
     sys.exit(main())

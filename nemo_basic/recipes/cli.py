@@ -66,7 +66,8 @@ def main(stage: int, argv: Optional[Sequence[str]] = None, description: str = ""
             return 0
         summary = train.run(cfg)
     except RecipeConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # the same on every rank: said once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(train.format_summary(summary), flush=True)

@@ -15,7 +15,8 @@ EMBEDDED_DATA_VERSION = 1
 
 
 def _say(msg: str) -> None:
-    print(f"[nemo_basic.recipes] {msg}", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per rank
+        print(f"[nemo_basic.recipes] {msg}", flush=True)
 
 
 def embedded_data_root(cfg: RecipeConfig) -> str:

@@ -81,7 +81,14 @@ def choose_resume(cfg: RecipeConfig, run_dir: str):
     passed over; rank 0 moves those aside (nothing is deleted). Returns (choice, [(from, to)])."""
     from nemo_basic.recipes import resume as resume_mod
 
-    if not cfg.checkpoint.resume or not os.path.isdir(run_dir):
+    if not os.path.isdir(run_dir):
+        return resume_mod.Choice(), []
+    if not cfg.checkpoint.resume:
+        found = checkpoints_in(run_dir)
+        if found:  # a fresh start would write over them, step by step, under the same names
+            raise bad_value("checkpoint.resume", False, "true, or a run folder without checkpoints",
+                            f"{os.path.join(run_dir, 'checkpoints')} holds {len(found)} checkpoint(s) that a fresh "
+                            "start would overwrite; set run.name=... (a new run folder) or move them away")
         return resume_mod.Choice(), []
     choice = resume_mod.choose(run_dir)
     moved = []
@@ -237,6 +244,7 @@ def run(cfg: RecipeConfig) -> dict:
         f"{runtime['precision']}{', fp8 ' + cfg.trainer.fp8 if cfg.trainer.fp8 else ''}"
         f"{', distributed optimizer' if runtime['distributed_optimizer'] else ''}); run folder {run_dir}")
     say(arch.summary())
+    choice, set_aside = choose_resume(cfg, run_dir)  # before anything heavy: which checkpoint, and why
 
     from nemo_basic import compat
 
@@ -268,6 +276,9 @@ def run(cfg: RecipeConfig) -> dict:
            else "BASIC off"))
 
     os.makedirs(os.path.join(run_dir, RECORDS_DIR), exist_ok=True)
+    from nemo_basic.recipes import console
+
+    console.keep_in(os.path.join(run_dir, RECORDS_DIR))  # the upstream messages kept off the console
     from nemo.utils.exp_manager import TimingCallback
 
     from nemo_basic.recipes.callbacks import Preemption, RecipeProgress, StopAfterSteps
@@ -299,7 +310,6 @@ def run(cfg: RecipeConfig) -> dict:
                                 load_artifacts=False)
         if not checkpoints_in(run_dir):
             say(f"stage 2 starts from the stage-1 checkpoint {runtime['init_from']}")
-    choice, set_aside = choose_resume(cfg, run_dir)
     resume = nl.AutoResume(resume_if_exists=cfg.checkpoint.resume, resume_ignore_no_checkpoint=True,
                            restore_config=restore, resume_from_path=choice.chosen)
     if choice.chosen:

@@ -205,3 +205,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(runs):
     assert f"resumed at step {s['steps_done']} of {STEPS}" in r["pre2_out"]
     assert r["pre2_summary"]["first"]["step"] == s["steps_done"] + 1
     assert_losses(r["ref"], r["pre"])
+
+
+@pytest.mark.slow
+def test_console_keeps_known_upstream_warnings_in_the_run_folder(runs):
+    out = runs["straight_out"]  # stdout and stderr of the uninterrupted run
+    kept_file = os.path.join(run_dir(runs["dirs"][0]), "recipe", "console-filtered-rank0.txt")
+    with open(kept_file) as f:
+        kept = f.read()
+    for message in ("The pynvml package is deprecated", "Transformer Engine and Apex are not installed",
+                    "The deploy module could not be imported"):
+        assert message not in out and message in kept, message
+    assert "[stage 1] step 12/12" in out and out.count("[stage 1] step 5/12 ") == 1  # each step printed once
