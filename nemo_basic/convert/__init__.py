@@ -1,12 +1,14 @@
-"""Checkpoint conversion between Hugging Face and Megatron-core for the Llama-family language model.
+"""Checkpoint conversion between Hugging Face and Megatron-core for decoder LLMs: Llama (Vicuna, SmolLM2,
+Llama-3.x), Mistral, Qwen2/2.5, Gemma, Phi-3 (one table per family: ``nemo_basic.convert.families``).
 
-* configs: :func:`hf_llama_config_to_nemo` (NeMo ``llm.LlamaConfig``), :func:`hf_llama_config_to_mcore`
+* configs: :func:`hf_llama_config_to_nemo` (the family's NeMo config), :func:`hf_llama_config_to_mcore`
   (NeMo-free ``MegatronLlamaConfig``), :func:`nemo_llama_config_to_hf` (export);
 * weights: :func:`hf_llama_to_mcore`, :func:`mcore_to_hf_llama` (local or Transformer Engine
   layernorm naming, vocabulary padding), :func:`convert_mcore_spec`;
 * tensor parallelism: :func:`shard_for_tp`, :func:`gather_tp`;
 * Megatron model: :func:`build_gpt_model`, :func:`load_mcore_state_dict`, :func:`ensure_model_parallel`.
 """
+from nemo_basic.convert.families import FAMILIES, SUPPORTED_MODEL_TYPES, Family
 from nemo_basic.convert.llama import (
     NORM_KEYS,
     SPECS,
@@ -30,6 +32,9 @@ from nemo_basic.convert.megatron import (
 from nemo_basic.convert.tensor_parallel import gather_tp, shard_for_tp
 
 __all__ = [
+    "FAMILIES",
+    "Family",
+    "SUPPORTED_MODEL_TYPES",
     "NORM_KEYS",
     "SPECS",
     "MegatronLlamaConfig",
