@@ -67,16 +67,25 @@ def make_llava(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def resave_tp2(rank: int, world: int, ckpt: str, out: str) -> bool:
-    """Load our checkpoint at TP=2 and save its distributed checkpoint in that layout (to ``out``)."""
+def resave_tp2(rank: int, world: int, ckpt: str, out: str, scenes: int) -> list:
+    """Load our checkpoint at TP=2 and save its distributed checkpoint in that layout (to ``out``);
+    returns the training callback's layer-0 top-k ids of ``scenes`` probe scenes on this TP=2 model."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
+    from nemo_basic.analysis.callback import AlignmentMonitor
     from nemo_basic.convert import ensure_model_parallel
     from nemo_basic.export.hf import load_neva_from_checkpoint
 
     ensure_model_parallel(2, 1)
-    mcore, _ = load_neva_from_checkpoint(ckpt)
+    mcore, model = load_neva_from_checkpoint(ckpt)
+    mon = AlignmentMonitor(every_n_steps=1, max_steps=1, run_dir=".", scenes=scenes)
+
+    class _Module:  # what the callback reads from the Lightning module
+        config, tokenizer, module = model.config, model.tokenizer, mcore
+
+    mon.setup_probe(_Module())
+    ids, _ = mon.nearest()
     target = Path(out)
     if rank == 0:
         shutil.copytree(Path(ckpt) / "context", target / "context")
@@ -86,25 +95,5 @@ def resave_tp2(rank: int, world: int, ckpt: str, out: str) -> bool:
     dist_checkpointing.save(mcore.sharded_state_dict(prefix="module."), str(target / "weights"))
     torch.distributed.barrier()
     ps.destroy_model_parallel()
-    return True
-
-
-def callback_nearest_tp(rank: int, world: int, ckpt: str, scenes: int) -> list:
-    """The callback's layer-0 nearest tokens of the probe scenes on our checkpoint loaded at TP=world."""
-    from megatron.core import parallel_state as ps
-
-    from nemo_basic.analysis.callback import AlignmentMonitor
-    from nemo_basic.convert import ensure_model_parallel
-    from nemo_basic.export.hf import load_neva_from_checkpoint
-
-    ensure_model_parallel(world, 1)
-    mcore, model = load_neva_from_checkpoint(ckpt)
-    mon = AlignmentMonitor(every_n_steps=1, max_steps=1, run_dir=".", scenes=scenes)
-
-    class _Module:  # what the callback reads from the Lightning module
-        config, tokenizer, module = model.config, model.tokenizer, mcore
-
-    mon.setup_probe(_Module())
-    ids, _ = mon.nearest()
-    ps.destroy_model_parallel()
     return ids.tolist()
+

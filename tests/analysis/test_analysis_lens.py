@@ -3,7 +3,8 @@
 * ``lens --hf`` on a tiny random HF LLaVA gives, for layers 0, 1 and L, the token ids of an
   independent recomputation with transformers in float64 (``output_hidden_states``; layer L before
   the final norm; cosine argmax over the true vocabulary), and the same through one of our
-  checkpoints re-saved under TP=2;
+  checkpoints re-saved under TP=2, where the training callback's vocab-sharded layer-0 tokens of
+  its probe scenes also equal the recomputation;
 * a projector set so that every patch's V is a chosen token's embedding (scaled) makes the lens
   return exactly those tokens, and ``grounded`` = 1.0 for labels that name them;
 * the metrics on a hand-made grid equal hand-computed values;
@@ -129,7 +130,7 @@ def test_lens_through_tp2_saved_checkpoint(llava_dir, images, tmp_path):
 
     ensure_model_parallel()
     ckpt = import_hf_llava(llava_dir, tmp_path / "ckpt", seq_length=128)
-    assert run_distributed(W.resave_tp2, 2, str(ckpt), str(tmp_path / "tp2")) == [True, True]
+    got = run_distributed(W.resave_tp2, 2, str(ckpt), str(tmp_path / "tp2"), 3)
     layers = [0, 1, W.LAYERS]
     out = tmp_path / "out"
     assert _run_cli("lens", "--checkpoint", str(tmp_path / "tp2"), "--images", *images, "--layers", "0,1,4",
@@ -142,7 +143,6 @@ def test_lens_through_tp2_saved_checkpoint(llava_dir, images, tmp_path):
     # image token excluded) equal the float64 recomputation on its probe scenes
     from nemo_basic.analysis.scenes import make_scenes
 
-    got = run_distributed(W.callback_nearest_tp, 2, str(ckpt), 3)
     scenes = make_scenes(3, W.IMG, 4, seed=0, out_dir=str(tmp_path / "scenes"))
     want = [reference_nearest(llava_dir, s["path"], [0])[0][0] for s in scenes]
     for rank in range(2):
