@@ -118,18 +118,28 @@ def llava_inputs(batch: int = 2, pre: int = 3, post: int = 6, seed: int = 0):
     """One sample in both conventions, and the matching LM-loss labels.
 
     NeVA: ids = T[:-1], labels = T[1:] with T = [pre, <image>, post]; its loss mask drops the
-    image rows and the two predictions next to the image. HF: the expanded ids, labels = ids with
-    the image block and the first token after it ignored (-100)."""
+    image rows and the prediction of the image. HF: the expanded ids, labels = ids with the image
+    block ignored (-100); ``hf_labels_neva`` also ignores the first token after it (upstream NeVA
+    masks that prediction)."""
     g = torch.Generator().manual_seed(seed)
     ids_pre = torch.randint(3, VOCAB - 1, (batch, pre), generator=g)
     ids_post = torch.randint(3, VOCAB - 1, (batch, post), generator=g)
     full_neva = torch.cat([ids_pre, torch.full((batch, 1), -200), ids_post], 1)
     hf_ids = torch.cat([ids_pre, torch.full((batch, M), IMAGE_TOKEN_ID), ids_post], 1)
     hf_labels = hf_ids.clone()
-    hf_labels[:, pre:pre + M + 1] = -100
+    hf_labels[:, pre:pre + M] = -100
+    hf_labels_neva = hf_labels.clone()  # upstream NeVA also never trains the first token after the image
+    hf_labels_neva[:, pre + M] = -100
     pixels = torch.randn(batch, 3, IMG, IMG, generator=g)
-    return dict(hf_ids=hf_ids, hf_labels=hf_labels, neva_ids=full_neva[:, :-1], neva_labels=full_neva[:, 1:],
-                neva_full=full_neva, pixels=pixels)
+    return dict(hf_ids=hf_ids, hf_labels=hf_labels, hf_labels_neva=hf_labels_neva, neva_ids=full_neva[:, :-1],
+                neva_labels=full_neva[:, 1:], neva_full=full_neva, pixels=pixels)
+
+
+def trains_first_token_after_image(model) -> bool:
+    """Whether our NeVA trains the prediction of the token after an image, as HF LLaVA does (the
+    lead's BasicMCoreNevaModel switch), or masks it as upstream NeVA."""
+    return hasattr(model, "_supervise_first_token_after_image") and bool(
+        getattr(model.config, "train_first_token_after_image", True))
 
 
 def neva_from_hf_llava(hf_dir: str, tp: int = 1):
@@ -156,7 +166,7 @@ def neva_logits_and_loss(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         logits = gather_from_tensor_model_parallel_region(model(**kw).contiguous())
         per_token, mask = model(**kw, labels=inputs["neva_labels"], loss_mask=torch.ones(b, t))
     loss = (per_token.float() * mask).sum() / mask.sum()
-    return logits, loss
+    return logits, loss, trains_first_token_after_image(model)
 
 
 def tp2_worker(rank: int, world: int, cases: dict, llava_dir: str, inputs: dict) -> dict:
@@ -178,6 +188,6 @@ def tp2_worker(rank: int, world: int, cases: dict, llava_dir: str, inputs: dict)
         parts = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
         out[name] = torch.cat(parts, dim=-1)
-    logits, loss = neva_logits_and_loss(neva_from_hf_llava(llava_dir, tp=world), inputs)
-    out["llava_logits"], out["llava_loss"] = logits, loss
+    out["llava_logits"], out["llava_loss"], out["trains_first"] = neva_logits_and_loss(
+        neva_from_hf_llava(llava_dir, tp=world), inputs)
     return out

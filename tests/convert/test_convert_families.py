@@ -3,7 +3,7 @@ over a padded vocabulary, against the Hugging Face models (tiny, random, fp32, e
 
 * text logits of the converted GPT equal HF's (1e-4); TP=2 equals TP=1;
 * HF -> Megatron -> HF gives back the same tensors bit for bit (and the family's HF config);
-* an HF LLaVA on each family (CLIP tower; SigLIP for Qwen2 and Gemma) imported into our NeVA
+* an HF LLaVA on each family (with a CLIP and with a SigLIP tower) imported into our NeVA
   gives HF LLaVA's logits, and, with the vocabulary 500 padded to 512, HF's LM loss (1e-5) at
   TP=1 and TP=2: the padding logits never enter the softmax;
 * features the Megatron model would not reproduce are rejected naming the field.
@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _family_workers as W  # noqa: E402
 
 FAMILIES = W.FAMILIES
-LLAVA_CASES = [("qwen2", "clip"), ("qwen2", "siglip"), ("llama3", "clip"), ("mistral", "clip"),
-               ("gemma", "clip"), ("gemma", "siglip"), ("phi3", "clip")]
+LLAVA_CASES = [(f, t) for f in W.FAMILIES for t in ("clip", "siglip")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -149,24 +148,25 @@ def inputs():
     return W.llava_inputs()
 
 
-def hf_llava_logits_and_loss(hf_dir, inputs):
+def hf_llava_logits_and_loss(hf_dir, inputs, trains_first: bool):
     from transformers import LlavaForConditionalGeneration
 
     hf = LlavaForConditionalGeneration.from_pretrained(str(hf_dir), attn_implementation="eager").eval()
+    labels = inputs["hf_labels"] if trains_first else inputs["hf_labels_neva"]
     with torch.no_grad():
-        out = hf(input_ids=inputs["hf_ids"], pixel_values=inputs["pixels"], labels=inputs["hf_labels"])
+        out = hf(input_ids=inputs["hf_ids"], pixel_values=inputs["pixels"], labels=labels)
     return out.logits, out.loss
 
 
 @pytest.mark.parametrize("family,tower", LLAVA_CASES)
 def test_llava_logits_and_lm_loss_equal_hf(family, tower, llava_dirs, inputs):
-    ref_logits, ref_loss = hf_llava_logits_and_loss(llava_dirs[family, tower], inputs)
     model = W.neva_from_hf_llava(str(llava_dirs[family, tower]))
-    logits, loss = W.neva_logits_and_loss(model, inputs)
+    logits, loss, trains_first = W.neva_logits_and_loss(model, inputs)
+    ref_logits, ref_loss = hf_llava_logits_and_loss(llava_dirs[family, tower], inputs, trains_first)
     if (family, tower) == ("qwen2", "clip"):  # without the mask the 12 zero padding logits enter the softmax
         mask = model.language_model.padded_vocab_mask
         mask.true_vocab = mask.padded_vocab
-        _, unmasked = W.neva_logits_and_loss(model, inputs)
+        _, unmasked, _ = W.neva_logits_and_loss(model, inputs)
         mask.true_vocab = W.VOCAB
         assert abs(float(unmasked) - float(ref_loss)) > 1e-3
     ref_logits = ref_logits[:, :-1]  # NeVA's input is T[:-1] (its labels T[1:])
@@ -192,7 +192,7 @@ def test_tp2_equals_tp1_and_padded_lm_loss_at_tp2(hf_models, text_ids, llava_dir
     for family in FAMILIES:
         torch.testing.assert_close(out[0][family][..., :W.VOCAB], ref[family][..., :W.VOCAB], atol=1e-5, rtol=0)
         assert torch.all(out[0][family][..., W.VOCAB:] == float("-inf"))
-    ref_logits, ref_loss = hf_llava_logits_and_loss(llava, inputs)
+    ref_logits, ref_loss = hf_llava_logits_and_loss(llava, inputs, out[0]["trains_first"])
     torch.testing.assert_close(out[0]["llava_logits"][..., :W.VOCAB], ref_logits[:, :-1], atol=1e-4, rtol=0)
     for rank in (0, 1):
         torch.testing.assert_close(out[rank]["llava_loss"].double(), ref_loss.double(), atol=1e-5, rtol=0)
