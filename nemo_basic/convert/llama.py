@@ -68,12 +68,15 @@ def _hf_config_dict(hf_config: Any) -> dict:
 
 
 def llama_config_kwargs(hf_config: Any, **overrides: Any) -> dict:
-    """The Megatron / NeMo ``GPTConfig`` fields of a Hugging Face Llama-family config.
+    """The Megatron / NeMo ``GPTConfig`` fields of a Hugging Face LLM config (any family of
+    ``nemo_basic.convert.families``), plus ``hf_model_type`` and the family's extras.
 
     ``overrides`` win over the mapped values (e.g. ``seq_length``, ``tensor_model_parallel_size``,
     ``make_vocab_size_divisible_by``, ``params_dtype``). ``vocab_size`` is the padded size unless
-    given explicitly; ``hf_vocab_size`` records the unpadded one. Raises ``ValueError`` for
-    architectures this mapping would get wrong (biases, non-SiLU MLPs, scaled RoPE).
+    given explicitly; ``hf_vocab_size`` records the unpadded one. Raises ``ValueError`` naming the
+    field for what the Megatron model would compute differently (an activation or bias the family
+    does not have, RoPE scaling other than Llama-3's, partial rotary, a sliding window shorter
+    than ``seq_length``).
     """
     from nemo_basic.compat import cpu_backend_needed
 
