@@ -276,7 +276,7 @@ def load_neva_from_checkpoint(ckpt: str | os.PathLike, config_overrides: Optiona
 # ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
-def export_hf_llava(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
+def export_hf_llava(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                     tokenizer_dir: Optional[str | os.PathLike] = None,
                     image_processor_dir: Optional[str | os.PathLike] = None, image_token: Optional[str] = None,
                     overwrite: bool = False, chat_template: Optional[str] = None,
@@ -288,8 +288,9 @@ def export_hf_llava(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torc
     What training recorded with the checkpoint (:mod:`nemo_basic.export.record`) fills in the image
     processor, the chat template (``plain`` / ``vicuna_v1``, the training data's) and the LLM's
     ``max_position_embeddings``; arguments override it (``chat_template="tokenizer"`` keeps the
-    LLM tokenizer's own template). Weights in ``dtype`` (bfloat16 by default, as llava-hf ships),
-    sharded above ``max_shard_size`` bytes (or "5GB"-style), files mode 0644.
+    LLM tokenizer's own template). Weights in ``dtype`` (the CLI's default is bfloat16, as llava-hf
+    ships; this function's stays float32 for in-process callers that compare numbers), sharded above
+    ``max_shard_size`` bytes (or "5GB"-style), files mode 0644.
 
     The image token: ``image_token`` if given, else the one recorded at import, else ``<image>``;
     added to the tokenizer when missing (embedding row zero; LLaVA replaces that row's input by
@@ -352,7 +353,7 @@ def export_hf_llava(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torc
     hf_config = hf_llava_config(config, rows, image_id, dtype, pad_token_id=pad_id, **text_overrides)
 
     vision = config.vision_transformer_config
-    processor_img = serving.export_image_processor(vision, record, image_processor_dir)
+    processor_img = serving.serving_image_processor(vision, record, image_processor_dir)
     template = chat_template or record.get("template")
     if template is None:
         template = "vicuna_v1"

@@ -7,6 +7,7 @@ checkpoint (Megatron distributed checkpoint, ``weights/common.pt`` → ``callbac
 * ``image_processor``: the image processor the data pipeline used (its class name and
   ``to_dict()``), e.g. DINOv2's processor resized to ``model.image_size`` = 112 px in the embedded
   default, where the tower's own directory holds the stock 224 px one;
+* ``image_process_mode``: ``pad`` (LLaVA-1.5: pad to a square first) or ``crop``;
 * ``template``: the prompt template of the training data (``plain`` / ``vicuna_v1``);
 * ``max_position_embeddings``: the source LLM's context length (the training ``seq_length`` is
   only what training used).
@@ -31,8 +32,10 @@ class ServingRecord(pl.Callback):
     record the trainer in a checkpoint's ``context/``)."""
 
     def __init__(self, image_processor: Optional[dict] = None, template: Optional[str] = None,
-                 max_position_embeddings: Optional[int] = None, image_token: Optional[str] = None):
+                 max_position_embeddings: Optional[int] = None, image_token: Optional[str] = None,
+                 image_process_mode: Optional[str] = None):
         super().__init__()
+        self.image_process_mode = image_process_mode
         self.image_processor = image_processor
         self.template = template
         self.max_position_embeddings = max_position_embeddings
@@ -41,7 +44,7 @@ class ServingRecord(pl.Callback):
     def state_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "image_processor": self.image_processor,
                 "template": self.template, "max_position_embeddings": self.max_position_embeddings,
-                "image_token": self.image_token}
+                "image_token": self.image_token, "image_process_mode": self.image_process_mode}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """On resume the run's own settings stay (they are what the next checkpoints must carry)."""
@@ -68,7 +71,8 @@ def serving_callbacks(cfg: Any, image_processor: Any, llm_dir: Optional[str]) ->
     from nemo_basic.models.vision import image_processor_dict
 
     return [ServingRecord(image_processor=image_processor_dict(image_processor), template=cfg.template,
-                          max_position_embeddings=llm_max_position_embeddings(llm_dir))]
+                          max_position_embeddings=llm_max_position_embeddings(llm_dir),
+                          image_process_mode=getattr(cfg.data, "image_process_mode", None))]
 
 
 __all__ = ["FORMAT", "ServingRecord", "VERSION", "llm_max_position_embeddings", "serving_callbacks"]

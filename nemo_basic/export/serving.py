@@ -82,6 +82,37 @@ def export_image_processor(vision: Any, record: dict, directory: Optional[str | 
     return proc
 
 
+_PIPELINE_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                  "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+def padding_image_processor(processor: Any) -> Any:
+    """``transformers.LlavaImageProcessor`` with ``do_pad=True`` and ``processor``'s resize, crop and
+    normalisation: LLaVA-1.5's pad-to-square preprocessing, which the training data pipeline
+    (`nemo_basic.data.image.preprocess_image`, mode ``pad``) applies before the tower's processor.
+    It pads with ``int(mean * 255)`` where the pipeline rounds: at most one grey level, on padding
+    pixels only."""
+    from transformers import LlavaImageProcessor
+
+    d = processor.to_dict()
+    kwargs = {k: d[k] for k in _PIPELINE_KEYS if k in d and d[k] is not None}
+    if processor.__class__.__name__ == "SiglipImageProcessor":
+        kwargs.setdefault("do_center_crop", False)  # SigLIP resizes to the square, no crop
+    return LlavaImageProcessor(do_pad=True, **kwargs)
+
+
+def serving_image_processor(vision: Any, record: dict, directory: Optional[str | os.PathLike] = None) -> Any:
+    """:func:`export_image_processor`, as the HF processor a server runs: with LLaVA-1.5's padding
+    when training padded (the recipes' default, ``data.image_process_mode=pad``; older checkpoints
+    without a record were trained so too), else as it is. A ``directory`` is shipped as it is."""
+    proc = export_image_processor(vision, record, directory)
+    if directory is not None or record.get("image_process_mode", "pad") != "pad":
+        return proc
+    if getattr(proc, "do_pad", False):
+        return proc
+    return padding_image_processor(proc)
+
+
 # ---------------------------------------------------------------------------------------------
 # chat templates (nemo_basic/data/templates.py, written as Jinja for HF / vLLM)
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +255,10 @@ __all__ = [
     "chat_template",
     "export_image_processor",
     "normal_file_modes",
+    "padding_image_processor",
     "parse_size",
     "processor_at_size",
     "read_serving_record",
+    "serving_image_processor",
     "write_safetensors",
 ]

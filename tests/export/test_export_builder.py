@@ -89,7 +89,7 @@ def test_stage1_checkpoint_exports_to_hf_llava(parts, tmp_path):
     ensure_model_parallel()
     ckpt = init_from_hf(parts["llm_tied"], parts["dinov2"], tmp_path / "stage1", basic=BasicConfig(layers=1),
                         seq_length=128)
-    out = export_hf_llava(ckpt, tmp_path / "hf")
+    out = export_hf_llava(ckpt, tmp_path / "hf", dtype="float32")
     processor = AutoProcessor.from_pretrained(str(out))
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert image_id == W.TOKENS  # added after the 250 words: the embedding grew by one zero row

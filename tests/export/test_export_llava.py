@@ -282,7 +282,7 @@ def test_tp2_pp2_load_and_export_gathered(imported, llava_dir, hf_model, tmp_pat
 
     original = _hf_state(llava_dir)
     for layout in ("tp2", "pp2"):
-        out = export_hf_llava(tmp_path / layout, tmp_path / f"hf-{layout}")
+        out = export_hf_llava(tmp_path / layout, tmp_path / f"hf-{layout}", dtype="float32")
         exported = _hf_state(out)
         assert set(exported) == set(original)
         for name in original:
@@ -411,3 +411,35 @@ def test_default_export_is_bf16_normal_modes_and_shards(imported, exported, tmp_
     assert index["metadata"]["total_size"] == total
     a, b = _hf_state(sharded), _hf_state(exported)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exported_processor_pads_as_the_training_pipeline(exported):
+    """The shipped image processor does LLaVA-1.5's pad-to-square, as the training data pipeline
+    (nemo_basic.data.image.preprocess_image, mode "pad") does before the tower's processor: equal
+    pixels for square images; for others equal wherever the padding colour does not reach, and
+    within 3 grey levels where it does (the pipeline pads with round(mean * 255), transformers with
+    int(mean * 255); resampling spreads that over the border)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from nemo_basic.data.image import expand_to_square, preprocess_image
+
+    processor = AutoProcessor.from_pretrained(str(exported)).image_processor
+    assert type(processor).__name__ == "LlavaImageProcessor" and processor.do_pad
+    training = W.clip_processor()  # the tower's own processor, as the data pipeline uses it
+    pixels = lambda img: torch.as_tensor(training(images=img, return_tensors="pt")["pixel_values"][0])  # noqa: E731
+    bound = 3 / 255 / min(training.image_std)
+    rng = np.random.default_rng(3)
+    for shape in ((40, 40, 3), (30, 52, 3), (61, 20, 3)):
+        image = Image.fromarray((rng.random(shape) * 255).astype("uint8"))
+        ours = preprocess_image(image, training, "pad")
+        served = torch.as_tensor(processor(images=image, return_tensors="pt")["pixel_values"][0])
+        diff = (served - ours).abs()
+        if shape[0] == shape[1]:
+            assert torch.equal(served, ours)
+            continue
+        reached = pixels(expand_to_square(image, (0, 0, 0))) != pixels(expand_to_square(image, (255, 255, 255)))
+        assert 0 < int(reached.sum()) < reached.numel()
+        assert float(diff[~reached].max()) == 0.0 and float(diff.max()) <= bound
+        assert float((pixels(image) - ours).abs().max()) > 10 * bound  # a centre crop alone is far off
