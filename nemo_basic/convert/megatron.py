@@ -40,7 +40,9 @@ class MegatronLlamaConfig(TransformerConfig):
 
 def build_gpt_model(config: Any, spec: str = "local", pre_process: bool = True, post_process: bool = True,
                     parallel_output: bool = True):
-    """A Megatron-core ``GPTModel`` for ``config`` (``MegatronLlamaConfig`` or NeMo ``GPTConfig``).
+    """A Megatron-core ``GPTModel`` for ``config`` (``MegatronLlamaConfig`` or NeMo ``GPTConfig``),
+    finished for its family (``nemo_basic.convert.families.finish_gpt_model``: Gemma's input scaling
+    and local zero-centred norms, Llama-3 RoPE frequencies, the padding-logit mask).
 
     Needs Megatron's parallel state (see :func:`ensure_model_parallel`). ``spec="local"`` uses
     Megatron's own modules (CPU and GPU); ``spec="te"`` the Transformer Engine modules (GPU).
@@ -50,7 +52,6 @@ def build_gpt_model(config: Any, spec: str = "local", pre_process: bool = True, 
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
-    from megatron.core.models.gpt.gpt_model import GPTModel
 
     qk_norm = bool(getattr(config, "qk_layernorm", False))
     if spec == "local":
