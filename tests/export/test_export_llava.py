@@ -443,3 +443,33 @@ def test_exported_processor_pads_as_the_training_pipeline(exported):
         assert 0 < int(reached.sum()) < reached.numel()
         assert float(diff[~reached].max()) == 0.0 and float(diff.max()) <= bound
         assert float((pixels(image) - ours).abs().max()) > 10 * bound  # a centre crop alone is far off
+
+
+def test_image_processor_choice_and_fallback(tmp_path, capsys):
+    """export-hf's image processor: the training record's; else the config's when it fits the tower;
+    else (checkpoints from before the record) the config's resized to the tower's input, said on
+    stderr; a --image-processor directory that does not fit is refused, naming the file."""
+    from nemo_basic.export.serving import export_image_processor
+    from nemo_basic.models.vision import HFVisionEncoderConfig, image_processor_dict, processor_image_size
+
+    stock = W.dinov2_processor(56)                     # the tower's own 56 px processor
+    old = HFVisionEncoderConfig(hf_config=W.dinov2_config().to_dict(), image_size=W.IMG,
+                                image_processor=image_processor_dict(stock))
+    derived = export_image_processor(old, {})
+    assert processor_image_size(derived) == W.IMG and type(derived).__name__ == type(stock).__name__
+    assert derived.image_mean == stock.image_mean and derived.resample == stock.resample
+    err = capsys.readouterr().err
+    assert "no training-time image processor" in err and f"{W.IMG} px" in err
+
+    recorded = W.dinov2_processor(W.IMG)
+    recorded.image_mean = [0.1, 0.2, 0.3]             # distinguishable from the stock one
+    got = export_image_processor(old, {"image_processor": image_processor_dict(recorded)})
+    assert got.image_mean == [0.1, 0.2, 0.3] and capsys.readouterr().err == ""
+
+    fitting = HFVisionEncoderConfig(hf_config=W.dinov2_config().to_dict(), image_size=56,
+                                    image_processor=image_processor_dict(stock))
+    assert export_image_processor(fitting, {}).to_dict() == stock.to_dict()
+
+    stock.save_pretrained(str(tmp_path / "proc"))
+    with pytest.raises(ValueError, match=r"proc/preprocessor_config.json produces 56 px images"):
+        export_image_processor(old, {}, tmp_path / "proc")
