@@ -74,9 +74,18 @@ class FilteredStream:
         return getattr(self._stream, name)
 
 
+# The same warnings in helper processes started with "spawn" (Megatron's checkpoint writer): they do
+# not inherit the filter, only the environment. (action:message start:category, as for python -W)
+CHILD_WARNINGS = ("ignore:The pynvml package is deprecated:FutureWarning",
+                  "ignore:Transformer Engine and Apex are not installed:UserWarning",
+                  "ignore:Failed to create unified memory mempool:UserWarning")
+
+
 def install() -> None:
     if os.environ.get("NEMO_BASIC_CONSOLE", "").lower() == "all":
         return
+    current = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join(current + [w for w in CHILD_WARNINGS if w not in current])
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if not isinstance(stream, FilteredStream) and type(stream).__name__ != "FilteredStream":
