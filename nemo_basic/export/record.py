@@ -32,19 +32,17 @@ class ServingRecord(pl.Callback):
     record the trainer in a checkpoint's ``context/``)."""
 
     def __init__(self, image_processor: Optional[dict] = None, template: Optional[str] = None,
-                 max_position_embeddings: Optional[int] = None, image_token: Optional[str] = None,
-                 image_process_mode: Optional[str] = None):
+                 max_position_embeddings: Optional[int] = None, image_process_mode: Optional[str] = None):
         super().__init__()
         self.image_process_mode = image_process_mode
         self.image_processor = image_processor
         self.template = template
         self.max_position_embeddings = max_position_embeddings
-        self.image_token = image_token
 
     def state_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "image_processor": self.image_processor,
                 "template": self.template, "max_position_embeddings": self.max_position_embeddings,
-                "image_token": self.image_token, "image_process_mode": self.image_process_mode}
+                "image_process_mode": self.image_process_mode}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """On resume the run's own settings stay (they are what the next checkpoints must carry)."""

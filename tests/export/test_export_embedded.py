@@ -245,6 +245,8 @@ def test_chat_template_is_the_training_template(stage, exports, tmp_path_factory
 @pytest.mark.slow
 def test_export_layout_for_servers(checkpoints, exports):
     """Config, processor and file facts a server reads, for both stages."""
+    from nemo_basic.export.serving import read_serving_record
+
     llm = json.loads((Path(os.path.expanduser(os.environ.get("NEMO_BASIC_CACHE", "~/.cache/nemo_basic")))
                       / "smollm2-135m-instruct" / "config.json").read_text())
     for stage, export in exports.items():
@@ -255,5 +257,10 @@ def test_export_layout_for_servers(checkpoints, exports):
         assert proc["image_token"] == "<image>" and proc["num_additional_image_tokens"] == 1
         pre = json.loads((export / "preprocessor_config.json").read_text())
         assert pre["crop_size"] == {"height": 112, "width": 112} and pre["size"] == {"shortest_edge": 112}
+        assert pre["image_processor_type"] == "LlavaImageProcessor" and pre["do_pad"] is True  # as training
+        record = read_serving_record(checkpoints[stage])   # what training saved in the checkpoint
+        assert record["template"] == {1: "plain", 2: "vicuna_v1"}[stage] and record["image_process_mode"] == "pad"
+        assert record["max_position_embeddings"] == 8192
+        assert record["image_processor"]["crop_size"] == {"height": 112, "width": 112}
         for path in export.iterdir():
             assert path.stat().st_mode & 0o777 == 0o644, path
