@@ -255,7 +255,9 @@ class Preemption(_base()):
             from nemo_basic.recipes import resume as resume_mod
 
             choice = resume_mod.choose(self.run_dir)
-            where = (f"a rerun resumes from {choice.chosen}" if choice.chosen
+            where = (f"a rerun resumes after step {choice.step + 1}, from {choice.chosen}"
+                     if choice.chosen and choice.step is not None
+                     else f"a rerun resumes from {choice.chosen}" if choice.chosen
                      else "no checkpoint yet: a rerun starts from step 0")
             say(f"stage {self.stage}: interrupted (Ctrl-C) at step {trainer.global_step}; nothing was saved "
                 f"now; {where}")
