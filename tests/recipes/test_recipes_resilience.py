@@ -217,3 +217,17 @@ def test_console_keeps_known_upstream_warnings_in_the_run_folder(runs):
                     "The deploy module could not be imported"):
         assert message not in out and message in kept, message
     assert "[stage 1] step 12/12" in out and out.count("[stage 1] step 5/12 ") == 1  # each step printed once
+
+
+def test_a_fresh_start_refuses_a_folder_with_checkpoints(tmp_path):
+    """checkpoint.resume=false would write over the old checkpoints step by step (one name per step)."""
+    from nemo_basic.recipes import train
+    from nemo_basic.recipes.schema import RecipeConfigError, load_config
+
+    cfg = load_config(TINY, [f"run.log_dir={tmp_path}", "checkpoint.resume=false"], stage=1)
+    old = os.path.join(cfg.run_dir, "checkpoints", "step=2-consumed_samples=12.0")
+    os.makedirs(os.path.join(old, "weights"))
+    with pytest.raises(RecipeConfigError) as e:
+        train.choose_resume(cfg, cfg.run_dir)
+    assert str(e.value).startswith("checkpoint.resume = False is invalid") and "1 checkpoint(s)" in str(e.value)
+    assert os.path.isdir(old)
