@@ -7,6 +7,9 @@
         model.llm_path=/models/vicuna-7b-v1.5 model.vision_path=/models/clip-vit-large-patch14-336 \\
         data.path=/data/llava_stage1_shards
     python scripts/launch.py local --stage both --config conf/embedded_stage1.yaml --gpus-per-node 1
+    python scripts/launch.py slurm --stage both --config conf/llava15_7b_stage1.yaml --account ACCT ... \
+        model.llm_path=/models/vicuna-7b-v1.5 \
+        --stage1 data.path=/data/llava_stage1_shards --stage2 data.path=/data/llava_stage2_shards
 """
 from __future__ import annotations
 
