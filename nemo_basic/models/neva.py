@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Optional
 from unittest import mock
 
@@ -19,6 +20,7 @@ from nemo_basic import compat
 compat.apply_nemo()
 
 from megatron.core import parallel_state as ps  # noqa: E402
+from nemo.collections.vlm.neva.data.multimodal_tokens import IGNORE_INDEX  # noqa: E402
 from nemo.collections.vlm.neva.model import base as neva_base  # noqa: E402
 from nemo.collections.vlm.neva.model.base import MCoreNevaModel, NevaConfig, NevaModel  # noqa: E402
 
@@ -161,8 +163,40 @@ class BasicMCoreNevaModel(MCoreNevaModel):
         else:
             self._embedding_sync(getattr(self, "basic_embedding", None))
 
-    def _preprocess_data(self, *args, **kwargs):
-        out = super()._preprocess_data(*args, **kwargs)
+    def _supervise_first_token_after_image(self, final_labels, final_loss_mask, input_ids, loss_mask,
+                                           num_image_tiles, image_token_index):
+        """NeVA zeroes the loss mask at every image position, including each image's last one, whose
+        label is the token after the image (the first caption token in stage 1): LLaVA trains that
+        prediction, NeVA never does. Give that position the text-level loss mask of its placeholder
+        (which is the mask of the same label), where a label is there (not after another image)."""
+        is_image, _, end = token_spans(input_ids, num_image_tiles, self._img_seq_len, image_token_index)
+        seq_len = final_loss_mask.shape[1]
+        last = torch.where(is_image & (end <= seq_len), end - 1, seq_len)  # seq_len: a spill column
+        widened = torch.cat([final_loss_mask, final_loss_mask.new_zeros(final_loss_mask.shape[0], 1)], dim=1)
+        widened.scatter_(1, last, torch.where(is_image, loss_mask.to(widened.dtype), widened.gather(1, last)))
+        out = widened[:, :seq_len]
+        return torch.where(final_labels == IGNORE_INDEX, torch.zeros_like(out), out)
+
+    def _get_shard_factor(self, packed_seq_params):
+        """NeVA pads the combined sequence to a multiple of this (for SP/CP). With FP8, TE's FP8
+        GEMMs need their token count divisible by 16 (8 for some shapes) and NeVA's captions give
+        any length: pad to a multiple of 16 tokens per rank too. Padded positions carry no label."""
+        factor, seq_dim = super()._get_shard_factor(packed_seq_params)
+        lm = self.language_model.config if self.add_decoder else None
+        if lm is not None and getattr(lm, "fp8", None) and self.context_parallel_lm <= 1:
+            factor = math.lcm(factor, 16 * (self.tensor_model_parallel_size_lm if self.sequence_parallel_lm else 1))
+        return factor, seq_dim
+
+    def _preprocess_data(self, image_embeddings, language_embeddings, input_ids, loss_mask, labels,
+                         use_inference_kv_cache, image_token_index, num_image_tiles, attention_mask=None,
+                         packed_seq_params=None):
+        out = super()._preprocess_data(image_embeddings, language_embeddings, input_ids, loss_mask, labels,
+                                       use_inference_kv_cache, image_token_index, num_image_tiles,
+                                       attention_mask, packed_seq_params)
+        if (getattr(self.config, "train_first_token_after_image", True) and labels is not None and loss_mask is not None
+                and (self.pre_process or self.post_process) and not use_inference_kv_cache):
+            out = (out[0], out[1], self._supervise_first_token_after_image(
+                out[1], out[2], input_ids, loss_mask, num_image_tiles, image_token_index), *out[3:])
         if self.capture is not None and self._placement_args is not None:
             # The combined length: the decoder input's on the first stage; under pipeline
             # parallelism NeVA pads and truncates every micro-batch to the fixed maximum length.
@@ -172,6 +206,22 @@ class BasicMCoreNevaModel(MCoreNevaModel):
             if self.pre_process:
                 self.capture.set_projected(out[0])  # decoder input [S, B, h]; V = its image rows
         return out
+
+
+def token_spans(input_ids: torch.Tensor, num_image_tiles: torch.Tensor, img_seq_len: int,
+                image_token_index: int = IMAGE_TOKEN_INDEX):
+    """(is_image [B, T], start [B, T], end [B, T]): where each token of the text sequence lands in
+    NeVA's combined sequence, positions [start, end). The i-th placeholder (row-major over the
+    batch) spans img_seq_len × num_image_tiles[i] positions, every other token one."""
+    batch, tokens = input_ids.shape
+    is_image = input_ids == image_token_index
+    span = torch.ones(batch, tokens, dtype=torch.long, device=input_ids.device)
+    if num_image_tiles.numel():
+        order = (torch.cumsum(is_image.reshape(-1).long(), 0) - 1).clamp(0, num_image_tiles.numel() - 1)
+        tiles = num_image_tiles.to(device=input_ids.device, dtype=torch.long)[order].view(batch, tokens)
+        span = torch.where(is_image, tiles * img_seq_len, span)
+    end = torch.cumsum(span, dim=1)
+    return is_image, end - span, end
 
 
 def placement_masks(input_ids: torch.Tensor, num_image_tiles: torch.Tensor, img_seq_len: int, seq_len: int,
@@ -185,14 +235,7 @@ def placement_masks(input_ids: torch.Tensor, num_image_tiles: torch.Tensor, img_
     `text_lengths[b]` are the tokenizer's right padding: neither image nor text."""
     batch, tokens = input_ids.shape
     device = input_ids.device
-    is_image = input_ids == image_token_index
-    span = torch.ones(batch, tokens, dtype=torch.long, device=device)
-    if num_image_tiles.numel():
-        order = (torch.cumsum(is_image.reshape(-1).long(), 0) - 1).clamp(0, num_image_tiles.numel() - 1)
-        tiles = num_image_tiles.to(device=device, dtype=torch.long)[order].view(batch, tokens)
-        span = torch.where(is_image, tiles * img_seq_len, span)
-    end = torch.cumsum(span, dim=1)            # one past each token's last position
-    start = end - span
+    is_image, start, end = token_spans(input_ids, num_image_tiles, img_seq_len, image_token_index)
     spill = seq_len                            # a column for everything truncated or not wanted
     is_text = ~is_image
     if text_lengths is not None:
@@ -264,6 +307,8 @@ def _after_block(capture: SupervisionCapture, module, args, output):
 @dataclasses.dataclass
 class BasicNevaConfig(NevaConfig):
     basic: BasicConfig = dataclasses.field(default_factory=BasicConfig)
+    # Train the prediction of the first token after each image (LLaVA does; NeVA masks it out).
+    train_first_token_after_image: bool = True
     forward_step_fn: Callable = basic_neva_forward_step
     data_step_fn: Callable = basic_neva_data_step
 

@@ -86,6 +86,8 @@ def disabled_equals_plain(rank, world) -> dict:
     state = None
     for plain in (True, False):
         model = build(BasicConfig(enabled=False), plain=plain, freeze_vision=False)
+        if not plain:  # NeVA's own masking (it never trains the first token after an image)
+            model.config.train_first_token_after_image = False
         if state is None:
             state = model.state_dict()
         else:
@@ -284,3 +286,19 @@ def packed_sequences_rejected(rank, world) -> str:
     except BasicConfigError as e:
         return str(e)
     return "no error"
+
+
+def fp8_sequence_padding(rank, world) -> dict:
+    """Combined sequence length NeVA's _preprocess_data builds, with and without FP8 set."""
+    model = build(BasicConfig(layers=2))
+    b = tiny.tiny_batch(0)
+    hidden = model.language_model.config.hidden_size
+    images = torch.zeros(model._img_seq_len, b.images.shape[0], hidden)
+    text = torch.zeros(b.input_ids.shape[0], b.input_ids.shape[1], hidden)
+    out = {}
+    for fp8 in (None, "hybrid"):
+        model.language_model.config.fp8 = fp8
+        combined, labels, loss_mask, _ = model._preprocess_data(
+            images, text, b.input_ids, b.loss_mask, b.labels, False, -200, b.num_image_tiles, None, None)
+        out[str(fp8)] = (combined.shape[0], labels.shape[1], float(loss_mask[:, 35:].abs().sum()))
+    return out

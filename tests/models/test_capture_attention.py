@@ -106,3 +106,10 @@ def test_placement_masks_follow_nevas_rule_with_tiles_padding_and_truncation():
         torch.testing.assert_close(back, x * image.T[..., None], rtol=0, atol=0)
         back.sum().backward()  # the gradient reaches exactly the image rows
         torch.testing.assert_close(x.grad, image.T[..., None].expand_as(x).float(), rtol=0, atol=0)
+
+
+def test_fp8_pads_the_combined_sequence_to_16_tokens():
+    """TE's FP8 GEMMs need a token count divisible by 16; NeVA pads only for SP/CP/PP."""
+    (out,) = run_distributed(W.fp8_sequence_padding, 1)
+    assert out["None"][:2] == (35, 35)          # 20 tokens − 1 placeholder + 16 patches
+    assert out["hybrid"][:2] == (48, 48) and out["hybrid"][2] == 0.0  # padding carries no loss
