@@ -216,6 +216,7 @@ def _apply_common(config, cfg: RecipeConfig, runtime: dict):
     config.freeze_vision_model = m.freeze_vision_model
     config.freeze_vision_projection = m.freeze_projector
     config.drop_vision_class_token = m.drop_vision_class_token
+    config.train_first_token_after_image = m.train_first_token_after_image
     config.vision_feature_layer = m.vision_feature_layer
     config.tensor_model_parallel_size = cfg.parallel.tensor
     config.pipeline_model_parallel_size = cfg.parallel.pipeline

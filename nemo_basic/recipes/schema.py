@@ -148,6 +148,9 @@ class ModelConfig:
                                   **int_range())
     drop_vision_class_token: bool = F(True, doc="drop the class token (LLaVA-1.5: 576 patches at 336 px)",
                                       **boolean())
+    train_first_token_after_image: bool = F(
+        True, doc="train the prediction of the first token after each image, as LLaVA does (false: NeVA's "
+                  "loss mask, which never trains it)", **boolean())
     projector: str = F("mlp2x_gelu", doc="vision projector", **choice(*PROJECTORS))
     image_size: Optional[int] = F(None, doc="input side of the vision tower in pixels (null: the tower's own)",
                                   **int_range(1, nullable=True, what=" (the tower's own)"))
