@@ -7,4 +7,5 @@ from nemo_basic import compat as _compat
 
 __version__ = "0.1.0"
 
-ACTIVE_PATCHES = _compat.apply()
+# Megatron-core is imported (and patched) when something first needs it, not here: see compat.
+ACTIVE_PATCHES = _compat.apply(defer_megatron=True)

@@ -4,10 +4,19 @@
 CUDA it applies the named megatron-core patches in `megatron_cpu`; `apply_nemo()` (called by the
 NeMo front end before it imports NeMo) adds `nemo_cpu` and the NeMo/megatron-core version shims.
 `describe()` lists every patch with the upstream call it answers.
+
+`import nemo_basic` itself does not import megatron-core (~9 s): when megatron is not imported
+yet, `apply(defer_megatron=True)` leaves a one-shot import hook that applies the megatron patches
+right after `megatron.core` has been imported, by whoever imports it first. So a recipe whose
+configuration is wrong fails in a second, and every path that uses Megatron still runs patched
+(the patches themselves import the modules they patch, so the order is the same as before).
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
+import sys
 
 import torch
 
@@ -23,15 +32,47 @@ def cpu_backend_needed() -> bool:
     return not torch.cuda.is_available()
 
 
-def apply() -> list[str]:
-    """Apply what this machine needs; return the names of the patches now active."""
+def _apply_megatron() -> list[str]:
+    from nemo_basic.compat import megatron_cpu
+
+    return megatron_cpu.PATCHES.apply()
+
+
+class _AfterMegatronImport(importlib.abc.MetaPathFinder):
+    """One-shot: wraps the loader of `megatron.core` so the CPU patches follow its import."""
+
+    def __init__(self, applied: list):
+        self.applied = applied  # extended in place (nemo_basic.ACTIVE_PATCHES)
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "megatron.core":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            self.applied += [p for p in _apply_megatron() if p not in self.applied]
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def apply(defer_megatron: bool = False) -> list[str]:
+    """Apply what this machine needs; return the names of the patches now active (a list that a
+    deferred megatron patch set extends when it lands)."""
     applied = []
     if torchvision_shim.apply() or torchvision_shim.active():
         applied.append("torchvision_shim")
     if cpu_backend_needed():
-        from nemo_basic.compat import megatron_cpu
-
-        applied += megatron_cpu.PATCHES.apply()
+        if defer_megatron and "megatron.core" not in sys.modules:
+            if not any(isinstance(f, _AfterMegatronImport) for f in sys.meta_path):
+                sys.meta_path.insert(0, _AfterMegatronImport(applied))
+        else:
+            applied += _apply_megatron()
     return applied
 
 

@@ -8,49 +8,25 @@ Llama-3.x), Mistral, Qwen2/2.5, Gemma, Phi-3 (one table per family: ``nemo_basic
 * tensor parallelism: :func:`shard_for_tp`, :func:`gather_tp`;
 * Megatron model: :func:`build_gpt_model`, :func:`load_mcore_state_dict`, :func:`ensure_model_parallel`.
 """
-from nemo_basic.convert.families import FAMILIES, SUPPORTED_MODEL_TYPES, Family
-from nemo_basic.convert.llama import (
-    NORM_KEYS,
-    SPECS,
-    convert_mcore_spec,
-    hf_llama_config_to_mcore,
-    hf_llama_config_to_nemo,
-    hf_llama_to_mcore,
-    llama_config_kwargs,
-    mcore_to_hf_llama,
-    nemo_llama_config_to_hf,
-    pack_qkv,
-    padded_vocab_size,
-    unpack_qkv,
-)
-from nemo_basic.convert.megatron import (
-    MegatronLlamaConfig,
-    build_gpt_model,
-    ensure_model_parallel,
-    load_mcore_state_dict,
-)
-from nemo_basic.convert.tensor_parallel import gather_tp, shard_for_tp
+import importlib
 
-__all__ = [
-    "FAMILIES",
-    "Family",
-    "SUPPORTED_MODEL_TYPES",
-    "NORM_KEYS",
-    "SPECS",
-    "MegatronLlamaConfig",
-    "build_gpt_model",
-    "convert_mcore_spec",
-    "ensure_model_parallel",
-    "gather_tp",
-    "hf_llama_config_to_mcore",
-    "hf_llama_config_to_nemo",
-    "hf_llama_to_mcore",
-    "llama_config_kwargs",
-    "load_mcore_state_dict",
-    "mcore_to_hf_llama",
-    "nemo_llama_config_to_hf",
-    "pack_qkv",
-    "padded_vocab_size",
-    "shard_for_tp",
-    "unpack_qkv",
-]
+# Loaded on first use (PEP 562): `nemo_basic.convert.families` is read by the recipes' start-up
+# checks, which must not pay for importing megatron-core (convert.megatron does).
+_MODULES = {
+    "nemo_basic.convert.families": ("FAMILIES", "SUPPORTED_MODEL_TYPES", "Family"),
+    "nemo_basic.convert.llama": ("NORM_KEYS", "SPECS", "convert_mcore_spec", "hf_llama_config_to_mcore",
+                                 "hf_llama_config_to_nemo", "hf_llama_to_mcore", "llama_config_kwargs",
+                                 "mcore_to_hf_llama", "nemo_llama_config_to_hf", "pack_qkv",
+                                 "padded_vocab_size", "unpack_qkv"),
+    "nemo_basic.convert.megatron": ("MegatronLlamaConfig", "build_gpt_model", "ensure_model_parallel",
+                                    "load_mcore_state_dict"),
+    "nemo_basic.convert.tensor_parallel": ("gather_tp", "shard_for_tp"),
+}
+_API = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'nemo_basic.convert' has no attribute {name!r}")

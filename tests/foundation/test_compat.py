@@ -67,3 +67,16 @@ def test_every_patch_names_its_upstream_call():
     for patch_set in (megatron_cpu.PATCHES, nemo_cpu.PATCHES, versions.PATCHES):
         for p in patch_set.patches:
             assert p.upstream and p.why and p.name in text
+
+
+def test_megatron_patches_follow_the_first_megatron_import():
+    """`import nemo_basic` does not import megatron-core; the CPU patches land when it is imported."""
+    code = textwrap.dedent("""
+        import sys
+        import nemo_basic
+        before = "megatron.core" in sys.modules, list(nemo_basic.ACTIVE_PATCHES)
+        import megatron.core.tensor_parallel.random as r
+        print(before[0], "rng_tracker" in before[1], "rng_tracker" in nemo_basic.ACTIVE_PATCHES,
+              r.CudaRNGStatesTracker.add.__module__)
+    """)
+    assert _run(code) == "False False True nemo_basic.compat.megatron_cpu"
