@@ -317,6 +317,10 @@ def export_hf_llava(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torc
     model = load_checkpoint_context(ckpt)
     config = model.config
     record = serving.read_serving_record(ckpt)
+    if not record and (meta.get("source") or {}).get("kind") == "hf-llava":
+        # An imported HF LLaVA not trained since: serve it with the processor it came with (its
+        # own preprocessing, which our pad-to-square default would change).
+        record = {"image_process_mode": "as-imported"}
     if tokenizer_dir is not None:
         tokenizer = tokenizer_from_hf(tokenizer_dir).tokenizer
     else:

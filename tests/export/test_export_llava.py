@@ -414,8 +414,9 @@ def test_default_export_is_bf16_normal_modes_and_shards(imported, exported, tmp_
 
 
 def test_exported_processor_pads_as_the_training_pipeline(exported):
-    """The shipped image processor does LLaVA-1.5's pad-to-square, as the training data pipeline
-    (nemo_basic.data.image.preprocess_image, mode "pad") does before the tower's processor: equal
+    """For a checkpoint trained with padding (the recipes' default; test_export_embedded checks the
+    export ships it), the served image processor does LLaVA-1.5's pad-to-square, as the training data
+    pipeline (nemo_basic.data.image.preprocess_image, mode "pad") does before the tower's processor: equal
     pixels for square images; for others equal wherever the padding colour does not reach, and
     within 3 grey levels where it does (the pipeline pads with round(mean * 255), transformers with
     int(mean * 255); resampling spreads that over the border)."""
@@ -425,9 +426,14 @@ def test_exported_processor_pads_as_the_training_pipeline(exported):
 
     from nemo_basic.data.image import expand_to_square, preprocess_image
 
-    processor = AutoProcessor.from_pretrained(str(exported)).image_processor
-    assert type(processor).__name__ == "LlavaImageProcessor" and processor.do_pad
+    from nemo_basic.export.serving import padding_image_processor
+
+    # An HF LLaVA imported and not trained since is served with the processor it came with.
+    imported = AutoProcessor.from_pretrained(str(exported)).image_processor
+    assert type(imported).__name__ == type(W.clip_processor()).__name__ and not getattr(imported, "do_pad", False)
     training = W.clip_processor()  # the tower's own processor, as the data pipeline uses it
+    processor = padding_image_processor(training)
+    assert type(processor).__name__ == "LlavaImageProcessor" and processor.do_pad
     pixels = lambda img: torch.as_tensor(training(images=img, return_tensors="pt")["pixel_values"][0])  # noqa: E731
     bound = 3 / 255 / min(training.image_std)
     rng = np.random.default_rng(3)
