@@ -26,25 +26,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = {1: REPO / "examples" / "basic_pretrain.py", 2: REPO / "examples" / "basic_finetune.py"}
 NEW_TOKENS = 4
 IMAGE_TOKENS = 64  # 112 px / patch 14 = 8 x 8, the class token dropped
 
 
-def train(stage: int, log_dir: Path) -> str:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(SCRIPTS[stage]), f"run.log_dir={log_dir}", "trainer.max_steps=1",
-                           "data.global_batch_size=1", "data.micro_batch_size=1", "data.num_workers=0",
-                           "trainer.progress_bar=false", "analysis.every_n_steps=null"], capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    with open(log_dir / "embedded" / f"stage{stage}" / "recipe" / "summary.json") as f:
-        return json.load(f)["checkpoint"]
-
-
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("runs")
-    return {1: train(1, log_dir), 2: train(2, log_dir)}
+def checkpoints(embedded_runs):
+    # The embedded default, trained once for the suite (tests/conftest.py).
+    return {stage: embedded_runs[stage]["summary"]["checkpoint"] for stage in (1, 2)}
 
 
 @pytest.fixture(scope="module")
