@@ -24,7 +24,7 @@ sys.path.insert(0, REPO)
 
 def _quiet_console() -> None:
     """Known harmless upstream warnings off the console (kept in the run folder): loaded from its
-    file, before the package (whose import already imports Megatron) is imported."""
+    file, before the package is imported (its import imports torch, whose warnings it files away)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_nemo_basic_console",
