@@ -273,12 +273,18 @@ def summarize(runs: List[dict], arms: Optional[Sequence[str]] = None, seeds: Opt
             entry = {"seeds": paired, "seed_level": None, "item_level": None, "holm_p": None, "holm_p_item": None,
                      "win": False}
             if paired:
-                entry["seed_level"] = paired_comparison([base_vals[str(s)] for s in paired],
-                                                        [arm_vals[str(s)] for s in paired], spec["higher_is_better"])
-                bi = [_items_of(by_key[(BASELINE, s)], spec) for s in paired]
-                ai = [_items_of(by_key[(a, s)], spec) for s in paired]
-                if spec["kind"] and all(x is not None for x in bi + ai):
-                    entry["item_level"] = item_level_comparison(bi, ai, spec["kind"])
+                try:
+                    entry["seed_level"] = paired_comparison([base_vals[str(s)] for s in paired],
+                                                            [arm_vals[str(s)] for s in paired],
+                                                            spec["higher_is_better"])
+                    bi = [_items_of(by_key[(BASELINE, s)], spec) for s in paired]
+                    ai = [_items_of(by_key[(a, s)], spec) for s in paired]
+                    if spec["kind"] and all(x is not None for x in bi + ai):
+                        entry["item_level"] = item_level_comparison(bi, ai, spec["kind"])
+                except ValueError as e:
+                    # name the metric and arm: the low-level message only knows shapes
+                    raise ValueError(f"summarize: {spec['name']} ({'.'.join(spec['path'])}), arm {a!r} vs "
+                                     f"{BASELINE!r}, seeds {paired}: {e}") from e
             fam[a] = entry
         adj = holm({a: (e["seed_level"] or {}).get("p_ttest") for a, e in fam.items()})
         adj_item = holm({a: (e["item_level"] or {}).get("p") for a, e in fam.items()})

@@ -222,3 +222,13 @@ def test_summarize_without_effect_claims_nothing():
     e = summ["comparisons"]["stage2/caption_ce"]["dec"]["seed_level"]
     tc = math.sqrt(2 * 0.95 ** 2 / (1 - 0.95 ** 2))
     assert e["mde"] == pytest.approx(tc * np.std(e["diffs"], ddof=1) / math.sqrt(3), rel=1e-12)
+
+
+def test_summarize_names_the_metric_of_a_bad_item_list():
+    rng = np.random.default_rng(4)
+    runs = [_run(arm, 0, 0.0, 0.0, rng) for arm in ("llava", "basic")]
+    runs[1]["metrics"]["stage1"]["caption_ce_items"].pop()  # one held-out caption short
+    with pytest.raises(ValueError, match=r"stage1/caption_ce \(metrics.stage1.caption_ce\), arm 'basic'.*item"):
+        S.summarize(runs)
+    with pytest.raises(ValueError, match="run #0 has no 'seed' key"):
+        S.summarize([{"arm": "llava"}])
