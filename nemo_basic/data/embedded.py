@@ -83,10 +83,12 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
         raise ValueError(shape)
 
 
-def make_scene(rng: np.random.Generator, size: int, patch_size: int) -> tuple[Image.Image, dict]:
-    """One scene and its labels (objects and per-patch majority labels)."""
+def make_scene(rng: np.random.Generator, size: int, patch_size: int, side: tuple[float, float] = (0.18, 0.32),
+               max_objects: int = 3) -> tuple[Image.Image, dict]:
+    """One scene and its labels (objects and per-patch majority labels). ``side``: the range of an
+    object's side as a fraction of the image side; ``max_objects``: 1..max_objects objects."""
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    n_obj = int(rng.integers(1, 4))
+    n_obj = int(rng.integers(1, max_objects + 1))
     combos = [(c, s) for c in COLORS for s in SHAPES]
     picks = rng.choice(len(combos), size=n_obj, replace=False)
     objects: list[dict] = []
@@ -94,10 +96,10 @@ def make_scene(rng: np.random.Generator, size: int, patch_size: int) -> tuple[Im
     for p in picks:
         color, shape = combos[int(p)]
         for _ in range(200):
-            side = int(rng.integers(int(0.18 * size), int(0.32 * size) + 1))
-            x0 = int(rng.integers(2, size - side - 2))
-            y0 = int(rng.integers(2, size - side - 2))
-            box = (x0, y0, x0 + side - 1, y0 + side - 1)
+            s = int(rng.integers(int(side[0] * size), int(side[1] * size) + 1))
+            x0 = int(rng.integers(2, size - s - 2))
+            y0 = int(rng.integers(2, size - s - 2))
+            box = (x0, y0, x0 + s - 1, y0 + s - 1)
             if all(box[2] + 4 < b[0] or b[2] + 4 < box[0] or box[3] + 4 < b[1] or b[3] + 4 < box[1] for b in boxes):
                 break
         else:

@@ -1,0 +1,166 @@
+"""Held-out evaluation of a trained study model, on its Hugging Face LLaVA export.
+
+The live Megatron weights are converted in memory by the exporter (``export.llava``) into a
+``transformers.LlavaForConditionalGeneration``; every number below is computed by that model, not
+by the training code (only the image preprocessing is shared: the pixels the model was trained on).
+
+- caption cross-entropy: mean next-token CE (nats) of each held-out caption under the stage-1
+  (plain) prompt, then the mean over captions;
+- QA exact match (after stage 2): greedy answer to each held-out question (vicuna_v1 prompt, as
+  training), equal to the reference sentence after lower-casing and whitespace normalisation;
+- lens metrics (``nemo_basic.analysis``) of layers 0 (V) and k on the first ``lens_scenes`` held-out
+  scenes, with their per-patch labels;
+- cos(V, V̂): V̂ = Σ_l w_l h_l over layers 1..k with the paper's ``inc`` weights (the same target in
+  every arm, whatever weighting the arm trained with), cosine per patch, mean over all patches of
+  the held-out scenes; also cos(V, h_k).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List
+
+import torch
+
+from nemo_basic.data.image import preprocess_image
+from nemo_basic.data.templates import IMAGE_TOKEN_INDEX, tokenize_conversation
+from nemo_basic.data import embedded as D
+
+IMAGE_TOKEN = "<image>"
+
+
+def hf_model(built, dtype=torch.bfloat16):
+    """(LlavaForConditionalGeneration, tokenizer with the image token) from the live weights."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from nemo_basic.export.llava import hf_llava_config, mcore_to_hf_llava
+    from nemo_basic.models.builder import layer_spec_of
+
+    tok = AutoTokenizer.from_pretrained(built.llm_dir, local_files_only=True)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    sd = {k: v.detach() for k, v in built.mcore.state_dict().items()
+          if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    config = built.mcore.config
+    rows = max(len(tok), image_id + 1)
+    state = mcore_to_hf_llava(sd, config, layer_spec_of(sd), rows, dtype=dtype)
+    hf_cfg = hf_llava_config(config, rows, image_id, dtype, pad_token_id=tok.pad_token_id,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():  # every weight is overwritten below; buffers (RoPE) are built as usual
+        model = LlavaForConditionalGeneration(hf_cfg)
+    result = model.load_state_dict(state, strict=False)
+    if hf_cfg.tie_word_embeddings:
+        model.tie_weights()
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and hf_cfg.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"export does not match HF LLaVA: missing {missing[:5]}, unexpected "
+                           f"{result.unexpected_keys[:5]}")
+    model.config._attn_implementation = "eager"
+    return model.to(dtype).eval(), tok
+
+
+class Evaluator:
+    def __init__(self, built, items: List[dict], protocol):
+        self.built, self.items, self.p = built, items, protocol
+
+    def _pixels(self, scene, dtype):
+        return preprocess_image(scene.image, self.built.processor, "pad").unsqueeze(0).to(dtype)
+
+    def _ids(self, conversations, template: str, tok, image_id: int, m: int):
+        """HF LLaVA's input ids (the image token repeated m times) and the supervised flag per id."""
+        t = tokenize_conversation(conversations, template, tok)
+        ids, sup = [], []
+        for i, s in zip(t.ids, t.supervised):
+            if i == IMAGE_TOKEN_INDEX:
+                ids += [image_id] * m
+                sup += [False] * m
+            else:
+                ids.append(i)
+                sup.append(s)
+        return ids, sup
+
+    def run(self, stage: int, k: int, pictures_dir: str, tag: str) -> dict:
+        from nemo_basic.analysis.lens import HFLlava, run_lens
+        from nemo_basic.analysis.render import render_image
+        from nemo_basic.supervision import layer_weights
+
+        model, tok = hf_model(self.built)
+        image_id = model.config.image_token_index
+        m = self.built.img_seq_len
+        dtype = model.dtype
+        out: Dict[str, object] = {}
+        # caption cross-entropy (stage-1 prompt)
+        ce_items = []
+        with torch.no_grad():
+            for it in self.items:
+                s = it["scene"]
+                ids, sup = self._ids(D._conv([("Describe the image.", s.caption)], True), "plain", tok, image_id, m)
+                logits = model(input_ids=torch.tensor([ids]), pixel_values=self._pixels(s, dtype)).logits[0].float()
+                target = torch.tensor(ids[1:])
+                mask = torch.tensor(sup[1:])
+                lp = torch.log_softmax(logits[:-1], dim=-1).gather(1, target[:, None])[:, 0]
+                ce_items.append(float(-(lp[mask]).mean()))
+        out["caption_ce"] = sum(ce_items) / len(ce_items)
+        out["caption_ce_items"] = ce_items
+        # lens (layers 0 and k) and cos(V, V-hat)
+        lens_model = HFLlava(model, tok, self.built.processor)
+        w = layer_weights(k, "inc").double()
+        cos_t, cos_k = [], []
+        for it in self.items:
+            v = lens_model.visual_embeddings(self._pixels(it["scene"], dtype))
+            hidden = lens_model.hidden_states(v, IMAGE_TOKEN, list(range(1, k + 1)))
+            target = sum(w[l - 1] * hidden[l].double() for l in range(1, k + 1))
+            cos_t.append(torch.nn.functional.cosine_similarity(v.double(), target, dim=-1))
+            cos_k.append(torch.nn.functional.cosine_similarity(v.double(), hidden[k].double(), dim=-1))
+        out["cos_v_vhat"] = float(torch.cat(cos_t).mean())
+        out["cos_v_hk"] = float(torch.cat(cos_k).mean())
+        lens_items = [{"image": it["scene"].image, "path": f"held-out-{i}", "labels": it["labels"]}
+                      for i, it in enumerate(self.items[:self.p.lens_scenes])]
+        lens = run_lens(lens_model, lens_items, [0, k], prompt=IMAGE_TOKEN, progress=False)
+        out["lens"] = {key: {name: lens["metrics"][key].get(name) for name in
+                             ("grounded", "grounded_top5", "meaningful", "distinct_per_image", "top_token_share")}
+                       for key in lens["metrics"]}
+        pics = []
+        os.makedirs(pictures_dir, exist_ok=True)
+        for i, entry in enumerate(lens["images"][:self.p.pictures]):
+            path = os.path.join(pictures_dir, f"{tag}-stage{stage}-scene{i}.png")
+            render_image(lens_items[i]["image"], entry, [0, k], path, title=f"{tag} stage {stage}, held-out scene {i}")
+            pics.append(path)
+        out["_pictures"] = pics
+        if stage == 2:
+            out.update(self._qa(model, tok, image_id, m, dtype))
+        del model
+        return out
+
+    def _qa(self, model, tok, image_id, m, dtype) -> dict:
+        items = {kind: [] for kind in ("color", "shape", "count", "position")}
+        answers = []
+        with torch.no_grad():
+            for it in self.items:
+                s = it["scene"]
+                for kind, (q, ref) in it["questions"].items():
+                    ids, sup = self._ids(D._conv([(q, ref)], True), "vicuna_v1", tok, image_id, m)
+                    start = sup.index(True)
+                    prompt = torch.tensor([ids[:start]])
+                    # An exact match has the reference's tokens (+ end of turn): longer answers cannot
+                    # match, so generation stops there.
+                    budget = min(self.p.qa_max_new_tokens, sum(sup) + 2)
+                    gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                         pixel_values=self._pixels(s, dtype), do_sample=False,
+                                         max_new_tokens=budget, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id)
+                    text = tok.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True)
+                    ok = normalise(text) == normalise(ref)
+                    items[kind].append(int(ok))
+                    answers.append({"kind": kind, "question": q, "reference": ref, "answer": text, "match": ok})
+        acc = {kind: (sum(v) / len(v) if v else None) for kind, v in items.items()}
+        flat = [x for v in items.values() for x in v]
+        acc["all"] = sum(flat) / len(flat) if flat else None
+        return {"qa": acc, "qa_items": items, "_answers": answers}
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
