@@ -90,3 +90,133 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     if errors:
         raise RuntimeError(f"distributed run of {fn.__name__} failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+# -- many calls on one set of ranks ----------------------------------------------------------------
+# Starting a rank (a fresh interpreter importing torch, Megatron and NeMo) costs far more than the
+# tiny models the tests run in it; a pool pays it once for every call made on the same world size.
+
+
+def _reset_between_calls() -> None:
+    """Undo the process-wide state a call may leave behind, so that the next starts as a fresh rank would."""
+    import sys
+
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    calculator = sys.modules.get("megatron.core.num_microbatches_calculator")
+    if calculator is not None:
+        calculator.destroy_num_microbatches_calculator()
+
+
+def _pool_worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), GROUP_RANK="0",
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    threads = max(1, (os.cpu_count() or 1) // world_size)  # no oversubscription
+    try:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    except BaseException:
+        results.put((None, rank, "error", traceback.format_exc()))
+        return
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                break
+            call, fn, args = task
+            torch.set_num_threads(threads)  # a call may have changed it; each starts as run_distributed's would
+            try:
+                result = fn(rank, world_size, *args)
+                buffer = io.BytesIO()  # serialised here, as in _worker
+                torch.save(result, buffer)
+                results.put((call, rank, "ok", buffer.getvalue()))
+            except BaseException:
+                results.put((call, rank, "error", traceback.format_exc()))
+            finally:
+                _reset_between_calls()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class DistributedPool:
+    """``world_size`` gloo ranks, started once, that run ``fn(rank, world_size, *args)`` call after call.
+
+    ``run`` returns and raises exactly as ``run_distributed`` does. Between calls each rank tears
+    down Megatron's model-parallel state and micro-batch calculator (a call must not rely on
+    anything else a previous call left behind). After a failure or a timeout the ranks are killed
+    (a surviving rank may be blocked in a collective its failed peer never joins) and the next
+    ``run`` starts fresh ones. Only for functions that use the default process group as started
+    here (``init_group=True`` in ``run_distributed``'s terms).
+    """
+
+    def __init__(self, world_size: int, timeout: float = 600.0):
+        self.world_size = world_size
+        self.timeout = timeout
+        self._procs: list = []
+        self._calls = 0
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
+        port = free_port()
+        self._procs = [ctx.Process(target=_pool_worker, args=(r, self.world_size, port, self._tasks[r], self._results),
+                                   daemon=False) for r in range(self.world_size)]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable, *args: Any, timeout: float | None = None) -> list:
+        if not self._procs:
+            self._start()
+        self._calls += 1
+        call = self._calls
+        for q in self._tasks:
+            q.put((call, fn, args))
+        results: dict[int, Any] = {}
+        errors = []
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        try:
+            while len(results) < self.world_size and not errors:
+                try:
+                    got, rank, status, payload = self._results.get(timeout=1.0)
+                except queue_module.Empty:
+                    dead = [(r, p.exitcode) for r, p in enumerate(self._procs)
+                            if p.exitcode is not None and r not in results]
+                    if dead:
+                        errors += [f"--- rank {r} --- exited with code {code} without a result" for r, code in dead]
+                    elif time.monotonic() > deadline:
+                        raise TimeoutError(f"distributed run of {fn.__name__} timed out after "
+                                           f"{self.timeout if timeout is None else timeout}s")
+                    continue
+                if status == "ok" and got == call:
+                    results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+                elif status != "ok":
+                    errors.append(f"--- rank {rank} ---\n{payload}")
+        except BaseException:
+            self.close(kill=True)
+            raise
+        if errors:
+            self.close(kill=True)
+            raise RuntimeError(f"distributed run of {fn.__name__} failed:\n" + "\n".join(errors))
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the ranks (at once with ``kill``, else after their current call)."""
+        if not self._procs:
+            return
+        if not kill:
+            for q in self._tasks:
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=5 if kill else 60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self._procs = []
+
+    def __enter__(self) -> "DistributedPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

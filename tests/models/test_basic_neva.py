@@ -67,8 +67,8 @@ def reference_losses(r, k, degree="attention"):
 
 @pytest.mark.parametrize("kind,k,degree", [("simple", 3, "attention"), ("mixed", 2, "attention"),
                                            ("simple", 2, "equal")])
-def test_losses_equal_float64_recomputation(kind, k, degree):
-    (r,) = run_distributed(W.capture_internals, 1, k, kind, degree)
+def test_losses_equal_float64_recomputation(spawn, kind, k, degree):
+    (r,) = spawn(W.capture_internals, 1, k, kind, degree)
     image, text = expected_masks(r["input_ids"], r["text_lengths"], r["image_mask"].shape[1])
     assert torch.equal(r["image_mask"], image) and torch.equal(r["text_mask"], text)
     das, sds = reference_losses(r, k, degree)
@@ -77,13 +77,13 @@ def test_losses_equal_float64_recomputation(kind, k, degree):
     assert das > 0 and sds > 0
 
 
-def test_disabled_is_exactly_neva():
-    (r,) = run_distributed(W.disabled_equals_plain, 1)
+def test_disabled_is_exactly_neva(spawn):
+    (r,) = spawn(W.disabled_equals_plain, 1)
     assert r == {"loss_equal": True, "names_equal": True, "grads_equal": True}
 
 
-def test_aux_gradients_reach_only_the_projector():
-    (r,) = run_distributed(W.grads_with_zero_lm_mask, 1)
+def test_aux_gradients_reach_only_the_projector(spawn):
+    (r,) = spawn(W.grads_with_zero_lm_mask, 1)
     assert r["logs"] and r["logs"][0]["das"] > 0
     assert r["nonzero"], "the aux losses produced no gradient"
     assert all(n.startswith("vision_projection.") for n in r["nonzero"]), r["nonzero"]
@@ -95,12 +95,12 @@ _REFERENCES = {}
 
 
 @pytest.fixture
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, spawn):
     """Single-process runs, computed once per (batch kind, k) for the whole module."""
     def get(kind, k):
         if (kind, k) not in _REFERENCES:
             path = str(tmp_path_factory.mktemp(f"{kind}{k}") / "ref.pt")
-            (res,) = run_distributed(W.run_schedule, 1, 1, 1, k, kind, None, path)
+            (res,) = spawn(W.run_schedule, 1, 1, 1, k, kind, None, path)
             _REFERENCES[kind, k] = (path, res)
         return _REFERENCES[kind, k]
     return get
@@ -116,23 +116,23 @@ def _assert_same(run, ref, rel=1e-5):
 
 
 @pytest.mark.parametrize("kind", ["simple", "mixed", "textonly"])
-def test_tensor_parallel_2_matches_single_process(reference, kind):
+def test_tensor_parallel_2_matches_single_process(spawn, reference, kind):
     path, ref = reference(kind, 2)
-    ranks = run_distributed(W.run_schedule, 2, 2, 1, 2, kind, path, None)
+    ranks = spawn(W.run_schedule, 2, 2, 1, 2, kind, path, None)
     for run in ranks:
         assert run["lm"] == pytest.approx(ref["lm"], rel=1e-5)
         _assert_same(run, ref)
 
 
 @pytest.mark.parametrize("kind,k", [("simple", 2), ("mixed", 2), ("simple", 3), ("mixed", 4), ("textonly", 3)])
-def test_pipeline_parallel_2_matches_single_process(reference, kind, k):
+def test_pipeline_parallel_2_matches_single_process(spawn, reference, kind, k):
     """k=2: layers 1..k on the first stage; k=3, 4: they span both stages, the supervision rides
     in the activation tensor and the losses are computed on the second stage. `textonly` starts
     with a micro-batch without any image: no stage may wait for supervision that never comes."""
     path, ref = reference(kind, k)
     if kind == "textonly":  # the image-free micro-batch logs no BASIC loss; the mixed one does
         assert len(ref["logs"]) == 1 and len(ref["lm"]) == 2
-    first, last = run_distributed(W.run_schedule, 2, 1, 2, k, kind, path, None)
+    first, last = spawn(W.run_schedule, 2, 1, 2, k, kind, path, None)
     assert last["lm"] == pytest.approx(ref["lm"], rel=1e-5)
     where, elsewhere = (first, last) if k <= 2 else (last, first)
     assert "logs" not in elsewhere
@@ -140,11 +140,11 @@ def test_pipeline_parallel_2_matches_single_process(reference, kind, k):
 
 
 @pytest.mark.parametrize("recompute,pp", [("full", 1), ("selective", 1), ("full", 2)])
-def test_activation_recomputation_counts_once(reference, recompute, pp):
+def test_activation_recomputation_counts_once(spawn, reference, recompute, pp):
     """Recomputed layers re-run their forward inside backward (under 1F1B after the next
     micro-batch started): the losses and projector gradients must not change."""
     path, ref = reference("simple", 3)
-    ranks = run_distributed(W.run_schedule, pp, 1, pp, 3, "simple", path, None, recompute)
+    ranks = spawn(W.run_schedule, pp, 1, pp, 3, "simple", path, None, recompute)
     first, last = ranks[0], ranks[-1]
     assert last["lm"] == pytest.approx(ref["lm"], rel=1e-5)
     _assert_same(dict(last, projector_grads=first["projector_grads"]), ref)
@@ -162,11 +162,11 @@ def test_nemo_training_logs_three_losses(tp, pp, k):
             assert key in step and math.isfinite(step[key]) and step[key] > 0, (key, sorted(step))
 
 
-def test_host_syncs_per_micro_batch_are_a_small_constant():
+def test_host_syncs_per_micro_batch_are_a_small_constant(spawn):
     """BASIC adds one host synchronisation per micro-batch (the row counts read by RowLayout),
     whatever k and the batch size: no per-layer or per-sample `nonzero`, `.item()`, boolean
     gather or `tolist()` (on a GPU each of those stalls the host)."""
-    (results,) = run_distributed(W.host_syncs, 1, [(1, 1), (3, 2), (3, 4)])
+    (results,) = spawn(W.host_syncs, 1, [(1, 1), (3, 2), (3, 4)])
     for r in results:
         assert r["logged"], r
         assert sum(r["added"].values()) <= 1, r

@@ -6,7 +6,6 @@ import torch
 
 import basic_workers as W
 from nemo_basic.models.capture import fused_unsupported, sdpa_with_lse, softmax_scale_of
-from nemo_basic.testing import run_distributed
 
 
 class _Attention(torch.nn.Module):
@@ -55,8 +54,8 @@ def test_grouped_kv_go_into_the_kernel_as_they_are():
     torch.testing.assert_close(out.double(), scores.softmax(-1) @ vv, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_sequences_are_refused_by_name():
-    (message,) = run_distributed(W.packed_sequences_rejected, 1)
+def test_packed_sequences_are_refused_by_name(spawn):
+    (message,) = spawn(W.packed_sequences_rejected, 1)
     assert "packed (THD) sequences are not supported with BASIC" in message
 
 
@@ -108,8 +107,8 @@ def test_placement_masks_follow_nevas_rule_with_tiles_padding_and_truncation():
         torch.testing.assert_close(x.grad, image.T[..., None].expand_as(x).float(), rtol=0, atol=0)
 
 
-def test_fp8_pads_the_combined_sequence_to_16_tokens():
+def test_fp8_pads_the_combined_sequence_to_16_tokens(spawn):
     """TE's FP8 GEMMs need a token count divisible by 16; NeVA pads only for SP/CP/PP."""
-    (out,) = run_distributed(W.fp8_sequence_padding, 1)
+    (out,) = spawn(W.fp8_sequence_padding, 1)
     assert out["None"][:2] == (35, 35)          # 20 tokens − 1 placeholder + 16 patches
     assert out["hybrid"][:2] == (48, 48) and out["hybrid"][2] == 0.0  # padding carries no loss
