@@ -137,6 +137,7 @@ class Evaluator:
 
     def _qa(self, model, tok, image_id, m, dtype) -> dict:
         items = {kind: [] for kind in ("color", "shape", "count", "position")}
+        keys = {kind: [] for kind in items}
         answers = []
         with torch.no_grad():
             for it in self.items:
@@ -154,12 +155,44 @@ class Evaluator:
                                          pad_token_id=tok.pad_token_id)
                     text = tok.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True)
                     ok = normalise(text) == normalise(ref)
+                    key_ok = key_answer(kind, text) == key_answer(kind, ref)
                     items[kind].append(int(ok))
-                    answers.append({"kind": kind, "question": q, "reference": ref, "answer": text, "match": ok})
-        acc = {kind: (sum(v) / len(v) if v else None) for kind, v in items.items()}
-        flat = [x for v in items.values() for x in v]
-        acc["all"] = sum(flat) / len(flat) if flat else None
-        return {"qa": acc, "qa_items": items, "_answers": answers}
+                    keys[kind].append(int(key_ok))
+                    answers.append({"kind": kind, "question": q, "reference": ref, "answer": text, "match": ok,
+                                    "key_match": key_ok})
+        return {"qa": _accuracy(items), "qa_items": items, "qa_key": _accuracy(keys), "qa_key_items": keys,
+                "_answers": answers}
+
+
+def _accuracy(items: Dict[str, list]) -> dict:
+    acc = {kind: (sum(v) / len(v) if v else None) for kind, v in items.items()}
+    flat = [x for v in items.values() for x in v]
+    acc["all"] = sum(flat) / len(flat) if flat else None
+    return acc
+
+
+_KEY_WORDS = {
+    "color": tuple(D.COLORS),
+    "shape": D.SHAPES,
+    "count": D.NUMBER_WORDS[1:],
+    # longest first, so "top left" is not read as "top"
+    "position": ("top left", "top right", "bottom left", "bottom right", "top", "bottom", "left", "right", "center"),
+}
+_DIGITS = {str(i): w for i, w in enumerate(D.NUMBER_WORDS)}
+
+
+def key_answer(kind: str, text: str):
+    """The answer's key word (VQA-style scoring): the first word of the question's kind in the text
+    (a colour, a shape, a number — digits read as words —, a position phrase), or None."""
+    t = " " + re.sub(r"[^a-z0-9 ]", " ", text.lower().replace("-", " ")) + " "
+    if kind == "count":
+        t = re.sub(r" (\d) ", lambda mt: f" {_DIGITS[mt.group(1)]} ", t)
+    best = None
+    for w in _KEY_WORDS[kind]:
+        i = t.find(f" {w} ")
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, w)
+    return None if best is None else best[1]
 
 
 def normalise(text: str) -> str:

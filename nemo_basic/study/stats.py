@@ -214,18 +214,21 @@ def metric_specs(runs: List[dict]) -> List[dict]:
                                   path=("metrics", stage, "lens", layer, field),
                                   higher_is_better=hib, items=None, kind=None))
         if stage == "stage2":
-            for cat in QA_CATEGORIES + ("all",):
-                specs.append(dict(name=f"stage2/qa/{cat}", stage=stage, path=("metrics", stage, "qa", cat),
-                                  higher_is_better=True, items=("metrics", stage, "qa_items", cat), kind="binary"))
+            for qa in ("qa", "qa_key"):
+                for cat in QA_CATEGORIES + ("all",):
+                    specs.append(dict(name=f"stage2/{qa}/{cat}", stage=stage, path=("metrics", stage, qa, cat),
+                                      higher_is_better=True, items=("metrics", stage, f"{qa}_items", cat),
+                                      kind="binary"))
     return specs
 
 
 def _items_of(run: dict, spec: dict):
     if spec["items"] is None:
         return None
-    if spec["name"] == "stage2/qa/all":
+    if spec["name"] in ("stage2/qa/all", "stage2/qa_key/all"):
         # "all" pools the four categories' questions (in category order, as every run stores them)
-        parts = [_get(run, ("metrics", "stage2", "qa_items", c)) for c in QA_CATEGORIES]
+        qa = spec["name"].split("/")[1]
+        parts = [_get(run, ("metrics", "stage2", f"{qa}_items", c)) for c in QA_CATEGORIES]
         return None if any(p is None for p in parts) else [x for p in parts for x in p]
     return _get(run, spec["items"])
 

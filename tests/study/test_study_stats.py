@@ -121,6 +121,7 @@ def _run(arm, seed, ce_shift, qa_shift, rng):
             m["qa"] = {c: float(np.mean(v)) for c, v in qa_items.items()}
             m["qa"]["all"] = float(np.mean([x for v in qa_items.values() for x in v]))
             m["qa_items"] = qa_items
+            m["qa_key"], m["qa_key_items"] = dict(m["qa"]), {c: list(v) for c, v in qa_items.items()}
         return m
     basic_on = arm != "llava"
     curve = [{"step": s, "lm": 6.0 - 0.1 * s - 0.01 * seed, "das": (2.0 - 0.05 * s) if basic_on else None,
@@ -154,7 +155,7 @@ def test_write_report_synthetic_folder(tmp_path):
         assert f"| {arm} " in text or f" {arm} |" in text, arm
         assert f"### {arm}" in text  # lens pictures section per arm
     assert "sds_only seed 2, dec seed 0, dec seed 1, dec seed 2" in text  # the missing runs
-    assert "| caption_ce ↓ |" in text and text.count(" | missing |") == 12 + 17  # dec: every stage-1 and stage-2 metric row
+    assert "| caption_ce ↓ |" in text and text.count(" | missing |") == 12 + 22  # dec: every stage-1 and stage-2 metric row
     assert "| stage2/caption_ce | dec | 0 |" in text  # the arm without runs still has its comparison row
     assert "![basic seed0 stage1](pictures/basic-seed0-stage1-scene0.png)" in text
     for name in ("curves_stage1", "curves_stage2", "metrics_stage1", "metrics_stage2"):

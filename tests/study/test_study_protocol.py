@@ -1,0 +1,94 @@
+"""The study's protocol, data and answer scoring (cheap: no model is built)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from nemo_basic.data import embedded as D
+from nemo_basic.study import data as SD
+from nemo_basic.study.evaluate import key_answer, normalise
+from nemo_basic.study.protocol import ARMS, PRESETS, arm_basic
+
+
+def test_arms_are_the_papers_table4_settings():
+    assert not arm_basic("llava").active
+    b = arm_basic("basic")
+    assert (b.das, b.sds, b.weighting, b.degree, b.lambda_das, b.lambda_sds) == (True, True, "inc", "attention", 1.0, 0.01)
+    assert (arm_basic("das_only").sds, arm_basic("sds_only").das) == (False, False)
+    assert arm_basic("const").weighting == "const" and arm_basic("dec").weighting == "dec"
+    assert arm_basic("equal").degree == "equal"
+    assert arm_basic("lambda_sds_0.1").lambda_sds == 0.1
+    assert set(PRESETS["ablations"].arms) == set(ARMS)
+    with pytest.raises(ValueError, match="unknown arm 'bogus'"):
+        arm_basic("bogus")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(arms=["basic"]), "baseline 'llava'"),
+    (dict(seeds=[0, 0]), "distinct"),
+    (dict(image_size=200), "patch is 14"),
+    (dict(object_side=(0.4, 0.3)), "object_side"),
+    (dict(pictures=9), "pictures <= lens_scenes"),
+])
+def test_protocol_errors_name_the_key(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(PRESETS["full"], **change).validate()
+
+
+def test_presets_keep_the_native_resolution_and_three_seeds():
+    full = PRESETS["full"].validate()
+    assert full.image_size == 224 and len(full.seeds) == 3 and full.arms[:2] == ["llava", "basic"]
+    quick = PRESETS["quick"].validate()
+    assert len(quick.seeds) == 1 and len(quick.arms) == 2
+
+
+def test_objects_cover_more_than_seven_percent_of_the_patches():
+    """On average (13 %); the smallest objects, triangles at the shortest side, cover about 6 %."""
+    p = PRESETS["full"]
+    scenes = SD.make_scenes(60, [0, 1301], p.image_size, p.object_side, p.max_objects)
+    shares = []
+    for s in scenes:
+        lab = np.asarray(s.scene["patch_labels"])
+        assert lab.shape == (16, 16)
+        shares += [float((lab == k).mean()) for k in range(1, len(s.scene["objects"]) + 1)]
+    assert np.mean(shares) > 0.11 and min(shares) > 0.05, (np.mean(shares), min(shares))
+
+
+def test_held_out_questions_are_worded_as_the_training_questions():
+    p = PRESETS["full"]
+    for s in SD.make_scenes(30, [0, 1304], p.image_size, p.object_side, p.max_objects):
+        training = set()
+        for seed in range(200):  # _questions samples 2-3 of the scene's questions; collect them all
+            training.update(D._questions(np.random.default_rng(seed), s.scene))
+        for kind, qa in SD.held_out_questions(s).items():
+            assert qa in training, (kind, qa)
+
+
+def test_data_order_depends_on_the_seed_only():
+    p = dataclasses.replace(PRESETS["quick"], train_scenes=10, eval_scenes=2)
+    d = SD.StudyData(p, encoders={})
+    assert d.order(0, 1, 5) == SD.StudyData(p, encoders={}).order(0, 1, 5)
+    assert d.order(0, 1, 5) != d.order(1, 1, 5)
+    order = d.order(0, 1, 5)  # 20 samples over 10 scenes: two full passes
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:]) == list(range(10))
+
+
+@pytest.mark.parametrize("kind, text, key", [
+    ("count", "There are two shapes.", "two"),
+    ("count", " 2 shapes", "two"),
+    ("color", "The circle is a circle.", None),
+    ("color", "It is red, not blue.", "red"),
+    ("shape", "The blue shape is a triangle.", "triangle"),
+    ("position", "at the top-right corner", "top right"),
+    ("position", "The red square is at the top of the image.", "top"),
+    ("position", "on the left side of the image", "left"),
+])
+def test_key_answer(kind, text, key):
+    assert key_answer(kind, text) == key
+
+
+def test_exact_match_normalisation():
+    assert normalise("  The circle  is\nred. ") == normalise("the circle is red.")
+    assert normalise("The circle is red") != normalise("The circle is red.")
