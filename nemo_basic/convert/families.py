@@ -74,6 +74,16 @@ def family_of_config(config: Any) -> Family:
 
 
 # -- the config checks and fields that differ per family --------------------------------------
+def sliding_window_of(cfg: dict, family: Family) -> Optional[int]:
+    """The attention window of an HF config, ``None`` when it attends to everything (Qwen2 keeps a
+    ``sliding_window`` value but uses it only with ``use_sliding_window``). Also read by the recipe's
+    configuration check (``model.seq_length``), before anything is built."""
+    window = cfg.get("sliding_window")
+    if family.name == "qwen2" and not cfg.get("use_sliding_window", False):
+        return None
+    return None if window is None else int(window)
+
+
 def family_config_kwargs(cfg: dict, family: Family, seq_length: int) -> dict:
     """Megatron config fields for ``family`` beyond the Llama ones, after checking the HF config
     for features the Megatron model would not reproduce (``ValueError`` naming the field)."""
@@ -104,9 +114,7 @@ def family_config_kwargs(cfg: dict, family: Family, seq_length: int) -> dict:
                                  original_max_position_embeddings=int(scaling.get(
                                      "original_max_position_embeddings", 8192)))
 
-    window = cfg.get("sliding_window")
-    if family.name == "qwen2" and not cfg.get("use_sliding_window", False):
-        window = None
+    window = sliding_window_of(cfg, family)
     if window is not None:
         if seq_length > window:
             raise ValueError(f"{mt}: sliding_window={window} is smaller than seq_length={seq_length}: Megatron's "

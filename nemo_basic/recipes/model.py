@@ -179,6 +179,14 @@ def check_model(cfg: RecipeConfig, runtime: Optional[dict] = None) -> Architectu
     if m.seq_length <= arch.img_seq_len:
         raise bad_value("model.seq_length", m.seq_length, f"an integer > {arch.img_seq_len}",
                         "the image alone takes that many tokens")
+    if m.type == "hf" and llm.get("model_type") in SUPPORTED_LLM_TYPES:
+        from nemo_basic.convert.families import family_of_model_type, sliding_window_of
+
+        window = sliding_window_of(llm, family_of_model_type(llm["model_type"]))
+        if window is not None and m.seq_length > window:  # else a ValueError from the converter, deep in the run
+            raise bad_value("model.seq_length", m.seq_length, f"an integer <= {window}",
+                            f"the LLM's sliding_window in model.llm_path's config.json: Megatron's attention "
+                            "here is full causal, so longer sequences would differ from the Hugging Face model")
     L_vis = vision["num_hidden_layers"]
     if not -L_vis <= m.vision_feature_layer < L_vis or m.vision_feature_layer == 0 and m.type != "tiny":
         raise bad_value("model.vision_feature_layer", m.vision_feature_layer,
