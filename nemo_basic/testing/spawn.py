@@ -202,14 +202,17 @@ class DistributedPool:
         return [results[r] for r in range(self.world_size)]
 
     def close(self, kill: bool = False) -> None:
-        """Stop the ranks (at once with ``kill``, else after their current call)."""
+        """Stop the ranks: ask them to exit (not with ``kill``: after a failure), kill any left after 5 s."""
         if not self._procs:
             return
         if not kill:
             for q in self._tasks:
                 q.put(None)
+        # Every result is in by now: a rank slow to exit (interpreter teardown of NeMo and Megatron
+        # can take tens of seconds on a loaded machine) holds nothing worth waiting for.
+        deadline = time.monotonic() + 5
         for p in self._procs:
-            p.join(timeout=5 if kill else 60)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join()

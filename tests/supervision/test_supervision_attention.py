@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from nemo_basic.supervision import supervision_degree, text_to_image_attention
-from nemo_basic.testing import run_distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned ranks import the worker module
 import _supervision_workers as workers  # noqa: E402
@@ -125,13 +124,13 @@ def test_mass_rejects_bad_inputs() -> None:
         text_to_image_attention(q, k, text, image, lse=torch.zeros(2, 4, 3))
 
 
-def test_mass_tensor_parallel_two_ranks() -> None:
+def test_mass_tensor_parallel_two_ranks(spawn) -> None:
     """2 gloo ranks, heads split in halves: every rank gets the single-process head average."""
     text, image = masks_from_layouts(LAYOUTS)
     q, k = make_qk(len(LAYOUTS), 8, 2, text.shape[1], 16, seed=7)
     lse = fused_lse(q, k, 1 / math.sqrt(16))
     expected = reference_mass(q, k, text, image)
-    results = run_distributed(workers.attention_mass_tp_worker, 2, q, k, text, image, lse, timeout=180)
+    results = spawn(workers.attention_mass_tp_worker, 2, q, k, text, image, lse, timeout=180)
     for rank_result in results:
         for out in rank_result.values():
             torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)

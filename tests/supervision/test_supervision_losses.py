@@ -9,7 +9,6 @@ import torch
 
 from nemo_basic.supervision import directional_alignment_loss, semantic_distribution_loss
 from nemo_basic.supervision.losses import _ChunkedVocabParallelKL
-from nemo_basic.testing import run_distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned ranks import the worker module
 import _supervision_workers as workers  # noqa: E402
@@ -195,12 +194,12 @@ def test_sds_all_zero_weights_and_bf16() -> None:
         torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-2, atol=1e-4)  # bf16 rounding of grad
 
 
-def test_sds_vocab_parallel_two_ranks() -> None:
+def test_sds_vocab_parallel_two_ranks(spawn) -> None:
     """2 gloo ranks, E split in halves of a padded 40-row table: same loss and grad as one process."""
     v, v_hat, embedding, a = make_inputs(3, 5, 8, 40, seed=11)
     # 37: rank 1 holds 17 real rows + 3 padding; 20: rank 1 holds only padding (an empty shard).
     vocab_sizes = [40, 37, 20]
-    results = run_distributed(workers.vocab_parallel_kl_worker, 2, v, v_hat, embedding, a, vocab_sizes, timeout=180)
+    results = spawn(workers.vocab_parallel_kl_worker, 2, v, v_hat, embedding, a, vocab_sizes, timeout=180)
     for rank_results in results:
         for vocab_size, reduction, loss, grad in rank_results:
             ref_loss, ref_grad = reference_grad(lambda x, *r: reference_sds(x, *r[:3], vocab_size=vocab_size),
