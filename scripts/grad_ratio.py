@@ -66,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PAPER_BATCH = 256
+QUICK = False  # --quick: the BASIC-off forward check is skipped
 T0 = time.perf_counter()
 
 
@@ -99,7 +100,7 @@ class LossTap:
         capture.losses = losses
 
 
-def separated_grads(forward, set_mode, tap: LossTap, params, check: bool) -> dict:
+def separated_grads(forward, set_mode, tap: LossTap, params, check: bool, check_off: bool = True) -> dict:
     """g_lm, g_das, g_sds of one sample, from one forward with both losses on.
 
     g_lm: backward of L_lm with the aux scale set to 0 after forward (AuxLossAutoScaler injects
@@ -118,14 +119,17 @@ def separated_grads(forward, set_mode, tap: LossTap, params, check: bool) -> dic
     out["das"] = flat_grad(basic.lambda_das * losses["das"] * scale, params, retain=True)
     out["sds"] = flat_grad(basic.lambda_sds * losses["sds"] * scale, params, retain=True)
     AuxLossAutoScaler.set_loss_scale(0.0)
-    out["lm"] = flat_grad(lm, params, retain=check)
+    out["lm"] = flat_grad(lm, params, retain=False)
     AuxLossAutoScaler.set_loss_scale(scale)
-    if check:
-        injected = flat_grad(lm * 0.0, params, retain=False)
-        ref = out["das"] + out["sds"]
-        out["check_injected"] = float((injected - ref).norm() / ref.norm())
     out["lm_value"], out["das_value"], out["sds_value"] = float(lm), values.get("das"), values.get("sds")
     if check:
+        # A second forward: Megatron's vocab-parallel cross entropy overwrites its saved softmax
+        # in backward, so the LM graph cannot be run backward twice.
+        lm2, _ = forward()
+        injected = flat_grad(lm2 * 0.0, params, retain=False)
+        ref = out["das"] + out["sds"]
+        out["check_injected"] = float((injected - ref).norm() / ref.norm())
+    if check and check_off:
         set_mode("off")
         lm3, _ = forward()
         off = flat_grad(lm3, params, retain=False)
@@ -217,7 +221,7 @@ def small_measure(built, samples, label: str) -> dict:
             return lm, dict(vals)
 
         per.append(separated_grads(fwd, lambda m: E.set_basic(built, modes[m]), built.tap, params,
-                                   check=(i == 0)))
+                                   check=(i == 0), check_off=not QUICK))
         log(f"  {label} sample {i + 1}/{len(samples)}: {time.perf_counter() - t:.1f} s")
     for p in params:
         p.requires_grad_(False)
@@ -394,7 +398,7 @@ def run_proxy(args) -> list:
             return lm, {name: float(total) / count for name, (total, count) in logs.items()}
 
         t = time.perf_counter()
-        per.append(separated_grads(forward, set_mode, tap, params, check=(i == 0)))
+        per.append(separated_grads(forward, set_mode, tap, params, check=(i == 0), check_off=not QUICK))
         log(f"  proxy sample {i + 1}/{args.proxy_samples}: {time.perf_counter() - t:.1f} s")
     shape = dict(L=L, d=4096, N=32000, m=m, k=k, S=seq, text=text)
     row = (f"(2) 7B-shaped proxy, random, L={L}", shape, summarise(per))
@@ -415,8 +419,8 @@ def fmt(x, w=8, p=3):
 
 def report(rows: list, args) -> str:
     lines = []
-    lines.append("BASIC auxiliary vs LM gradient at the vision projector (scripts/grad_ratio.py"
-                 + (" --quick" if args.quick else "") + ")")
+    lines.append("BASIC auxiliary vs LM gradient at the vision projector (scripts/grad_ratio.py "
+                 + " ".join(sys.argv[1:]) + ")")
     lines.append(f"host {platform.node()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
                  f"bf16, lambda1 = 1, lambda2 = 0.01 (gradients below include the lambdas)")
     lines.append("das = |grad(l1*L_das)| / |grad L_lm|, sds = |grad(l2*L_sds)| / |grad L_lm|, cos = cosine to grad L_lm;")
@@ -508,6 +512,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     q = args.quick
+    global QUICK
+    QUICK = q
     args.small_samples = args.small_samples or (2 if q else 6)
     args.train_steps = args.train_steps if args.train_steps is not None else (0 if q else 20)
     args.proxy_layers = args.proxy_layers or (2 if q else 4)
