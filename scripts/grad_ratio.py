@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """How large BASIC's auxiliary gradients are next to the LM gradient, at the vision projector.
 
-  python scripts/grad_ratio.py            # both settings, ~10 min on two shared CPU cores
-  python scripts/grad_ratio.py --quick    # fewer samples, no training, 2-layer proxy (a few min)
+  python scripts/grad_ratio.py            # both settings, 12 training steps: ~10 min on 2 loaded cores
+  python scripts/grad_ratio.py --quick    # 2 samples each, no training, 2-layer proxy (~6 min)
+  # the 2026-12-02 record: --small-samples 3 --train-steps 0 --proxy-layers 4 --proxy-samples 3 (368 s)
   python scripts/grad_ratio.py --out docs/benchmarks/2026-12-02-cpu-grad_ratio.txt
 
 For each sample: g_lm = ∇_P L_lm, g_das = ∇_P(λ1·L_das), g_sds = ∇_P(λ2·L_sds), P = every
@@ -514,8 +515,8 @@ def main():
     q = args.quick
     global QUICK
     QUICK = q
-    args.small_samples = args.small_samples or (2 if q else 6)
-    args.train_steps = args.train_steps if args.train_steps is not None else (0 if q else 20)
+    args.small_samples = args.small_samples or (2 if q else 4)
+    args.train_steps = args.train_steps if args.train_steps is not None else (0 if q else 12)
     args.proxy_layers = args.proxy_layers or (2 if q else 4)
     args.proxy_samples = args.proxy_samples or (2 if q else 3)
     if q:
