@@ -18,12 +18,14 @@ gemma      ``GemmaConfig``     norms scale by (1 + w) (``layernorm_zero_centered
                                input × √hidden, tanh-GELU gate (GeGLU), head_dim 256, multi-query,
                                tied embeddings
 phi3       ``Phi3Config``      fused ``qkv_proj`` ([q; k; v]) and ``gate_up_proj`` ([gate; up]);
-                               ``rope_scaling`` (longrope / su) rejected
+                               ``rope_scaling`` of type ``longrope`` (``su`` / ``yarn``, as HF
+                               reads them): ``rope_longrope``, see :func:`longrope_fields`
 =========  ==================  =====================================================================
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import torch
@@ -56,7 +58,7 @@ FAMILIES = {f.name: f for f in (
            ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"), gelu=True, zero_centered_norm=True,
            scale_embedding=True, always_tied=True),
     Family("phi3", ("phi3",), "Phi3Config", "Phi3Config", "Phi3ForCausalLM", ("silu", "swish"),
-           fused_qkv=True, fused_gate_up=True),
+           fused_qkv=True, fused_gate_up=True, rope_types=("default", "longrope")),
 )}
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_types)
 
@@ -103,6 +105,8 @@ def family_config_kwargs(cfg: dict, family: Family, seq_length: int) -> dict:
 
     scaling = cfg.get("rope_scaling") or None
     rope_type = "default" if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+    if family.name == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's own aliases of longrope
+        rope_type = "longrope"
     if rope_type not in family.rope_types:
         raise ValueError(f"{mt}: rope_scaling={scaling} is not supported: this converter reproduces "
                          f"{family.rope_types} RoPE for {family.name} (Megatron would compute different "
@@ -113,6 +117,8 @@ def family_config_kwargs(cfg: dict, family: Family, seq_length: int) -> dict:
                                  high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
                                  original_max_position_embeddings=int(scaling.get(
                                      "original_max_position_embeddings", 8192)))
+    if rope_type == "longrope":
+        kw.update(longrope_fields(cfg, scaling))
 
     window = sliding_window_of(cfg, family)
     if window is not None:
@@ -131,6 +137,81 @@ def family_config_kwargs(cfg: dict, family: Family, seq_length: int) -> dict:
     if family.always_tied:
         kw["share_embeddings_and_output_weights"] = True
     return kw
+
+
+def longrope_fields(cfg: dict, scaling: dict) -> dict:
+    """Phi-3's LongRoPE (Phi-3-mini-128k, Phi-3.5-mini) as Megatron config fields.
+
+    transformers (``_compute_longrope_parameters`` with Phi-3's rotary embedding) divides each RoPE
+    frequency by a per-frequency factor: ``long_factor`` in a forward whose positions reach past
+    ``original_max_position_embeddings`` (max(position_ids) + 1 > it), ``short_factor`` otherwise,
+    and multiplies cos and sin by ``attention_factor`` (given, or √(1 + ln f / ln original) with
+    f = max_position_embeddings / original; 1 when f <= 1), in both regimes.
+
+    * cos and sin both scaled by s scale every rotated q·k by s², which is attention with the
+      softmax scale s² / √head_dim: ``softmax_scale`` (RoPE rotates all of q and k, as checked
+      by ``partial_rotary_factor`` above);
+    * the factor set is chosen per forward from the sequence length Megatron's rotary embedding
+      is called with, as HF chooses it (:func:`finish_gpt_model`): a fixed choice from
+      ``model.seq_length`` would differ from HF on every batch shorter than the original context
+      (batches are padded to their longest row) whenever ``model.seq_length`` exceeds it.
+
+    ``rope_longrope`` keeps what export needs to write the same HF config back."""
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    short, long = scaling.get("short_factor"), scaling.get("long_factor")
+    for key, factors in (("short_factor", short), ("long_factor", long)):
+        if not isinstance(factors, (list, tuple)) or len(factors) != head_dim // 2:
+            raise ValueError(f"{cfg.get('model_type')}: rope_scaling[{key!r}] must be a list of head_dim / 2 = "
+                             f"{head_dim // 2} numbers, got {factors!r}")
+    # HF reads Phi3Config's own field (default 4096), not a key of rope_scaling (Phi3Config allows none)
+    original = int(cfg.get("original_max_position_embeddings") or 4096)
+    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    given = scaling.get("attention_factor")
+    if given is not None:
+        attention_factor = float(given)
+    else:
+        f = max_pos / original
+        attention_factor = 1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(original))
+    longrope = dict(short_factor=[float(x) for x in short], long_factor=[float(x) for x in long],
+                    original_max_position_embeddings=original, max_position_embeddings=max_pos,
+                    attention_factor=None if given is None else float(given))
+    return {"rope_longrope": longrope, "softmax_scale": attention_factor ** 2 / math.sqrt(head_dim)}
+
+
+def longrope_hf_fields(longrope: dict) -> dict:
+    """The HF Phi-3 config fields that reproduce ``rope_longrope`` (export)."""
+    scaling = {"type": "longrope", "short_factor": list(longrope["short_factor"]),
+               "long_factor": list(longrope["long_factor"])}
+    if longrope.get("attention_factor") is not None:
+        scaling["attention_factor"] = longrope["attention_factor"]
+    return dict(rope_scaling=scaling, max_position_embeddings=longrope["max_position_embeddings"],
+                original_max_position_embeddings=longrope["original_max_position_embeddings"])
+
+
+class LongRopeSwitch:
+    """Forward pre-hook of Megatron's ``RotaryEmbedding``: its ``inv_freq`` divided by ``long_factor``
+    when the rotary sequence length (its first argument; the longest packed sequence with packed
+    inputs) exceeds ``original_max_position_embeddings``, by ``short_factor`` otherwise, as HF's
+    Phi-3 chooses per forward. ``forward`` is ``lru_cache``d on that length, which fixes the choice,
+    so the cache stays consistent. Not covered: inference with a KV cache (Megatron then asks for the
+    context's maximum length; HF switches when generation crosses the original length)."""
+
+    def __init__(self, inv_freq: torch.Tensor, short_factor, long_factor, original_max_position_embeddings: int,
+                 **_: Any):
+        self.original = int(original_max_position_embeddings)
+        self.short = inv_freq / torch.tensor(short_factor, dtype=inv_freq.dtype, device=inv_freq.device)
+        self.long = inv_freq / torch.tensor(long_factor, dtype=inv_freq.dtype, device=inv_freq.device)
+
+    def __call__(self, module, args, kwargs):
+        seq_len = args[0] if args else kwargs["max_seq_len"]
+        key = "long" if int(seq_len) > self.original else "short"
+        chosen = getattr(self, key)
+        if chosen.device != module.inv_freq.device:  # Megatron moves inv_freq to the GPU on first use
+            chosen = chosen.to(module.inv_freq.device)
+            setattr(self, key, chosen)
+        module.inv_freq = chosen
+        return None
 
 
 def _tanh_gelu():
@@ -202,6 +283,8 @@ def finish_gpt_model(model: torch.nn.Module, config: Any, zero_centered_local: b
       (same parameter, same state-dict key);
     * Gemma: the decoder input (text embeddings and, in LLaVA, the projected image features, as HF
       LLaVA feeds both through ``GemmaModel``) is multiplied by √hidden on the first stage;
+    * Phi-3 LongRoPE: the rotary embedding's frequencies switch between the short and long factor
+      sets with the sequence length, as HF's (:class:`LongRopeSwitch`);
     * a padded vocabulary: the padding logits are masked out of the LM softmax
       (``nemo_basic.models.lm_loss``)."""
     family = family_of_config(config)
@@ -214,6 +297,10 @@ def finish_gpt_model(model: torch.nn.Module, config: Any, zero_centered_local: b
     if getattr(config, "rope_llama3", None) and getattr(model, "rotary_pos_emb", None) is not None \
             and not getattr(config, "_nemo_applies_rope_scaling", False):
         model.rotary_pos_emb.inv_freq = llama3_inv_freq(model.rotary_pos_emb.inv_freq, **config.rope_llama3)
+    if getattr(config, "rope_longrope", None) and getattr(model, "rotary_pos_emb", None) is not None:
+        switch = LongRopeSwitch(model.rotary_pos_emb.inv_freq, **config.rope_longrope)
+        model.rotary_pos_emb.inv_freq = switch.short
+        model.rotary_pos_emb.register_forward_pre_hook(switch, with_kwargs=True)
     from nemo_basic.models.lm_loss import install_padded_vocab_mask
 
     install_padded_vocab_mask(model, getattr(config, "hf_vocab_size", None))

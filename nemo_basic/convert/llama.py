@@ -222,6 +222,11 @@ def nemo_llama_config_to_hf(config: Any, vocab_size: Optional[int] = None, **ove
         kw.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=config.num_layers)
     if family.name == "phi3":
         kw.update(sliding_window=window, original_max_position_embeddings=config.seq_length)
+        longrope = getattr(config, "rope_longrope", None)
+        if longrope:  # HF's max / original lengths set its attention factor and its factor switch
+            from nemo_basic.convert.families import longrope_hf_fields
+
+            kw.update(longrope_hf_fields(longrope))
     if family.name in ("qwen2", "phi3") and head_dim * heads != config.hidden_size:
         raise ValueError(f"{family.hf_config} has head_dim = hidden_size / heads; this model has kv_channels="
                          f"{head_dim} with hidden {config.hidden_size} and {heads} heads")

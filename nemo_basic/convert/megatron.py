@@ -36,6 +36,7 @@ class MegatronLlamaConfig(TransformerConfig):
     hf_model_type: str = "llama"
     hf_sliding_window: Optional[int] = None
     rope_llama3: Optional[dict] = None
+    rope_longrope: Optional[dict] = None
 
 
 def build_gpt_model(config: Any, spec: str = "local", pre_process: bool = True, post_process: bool = True,

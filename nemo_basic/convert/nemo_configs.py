@@ -3,10 +3,10 @@
 Each class is NeMo's own config for the family (fields, layer spec, ``configure_model``) plus
 the Hugging Face facts that must survive a NeMo checkpoint (they are dataclass fields, so NeMo's
 ``io`` serialises them): the unpadded vocabulary ``hf_vocab_size`` (export, and the padded-vocab
-logit mask), ``hf_model_type``, ``hf_sliding_window`` and Llama-3's ``rope_llama3``. After
-NeMo builds the Megatron ``GPTModel``, :func:`nemo_basic.convert.families.finish_gpt_model`
+logit mask), ``hf_model_type``, ``hf_sliding_window``, Llama-3's ``rope_llama3`` and Phi-3's
+``rope_longrope``. After NeMo builds the Megatron ``GPTModel``, :func:`nemo_basic.convert.families.finish_gpt_model`
 adds what a Megatron config cannot say (Gemma's input scaling and, on the local spec, its
-zero-centred norms; the padding-logit mask).
+zero-centred norms; Phi-3's LongRoPE frequencies; the padding-logit mask).
 """
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ class HFPhi3Config(_FromHF, llm.Phi3Config):
     hf_model_type: str = "phi3"
     hf_sliding_window: Optional[int] = None
     rope_llama3: Optional[dict] = None
+    rope_longrope: Optional[dict] = None  # Phi-3 LongRoPE (families.longrope_fields), with softmax_scale
 
 
 __all__ = ["HFGemmaConfig", "HFLlamaConfig", "HFLlamaLlama3Config", "HFMistralConfig", "HFPhi3Config",

@@ -119,9 +119,8 @@ def test_gemma_exact_gelu_checkpoints(text_ids):
 
 def test_rejected_features_are_named():
     phi = W.hf_text_config("phi3").to_dict()
-    with pytest.raises(ValueError, match="rope_scaling.*longrope"):
-        llama_config_kwargs({**phi, "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
-                                                      "long_factor": [2.0] * 8}})
+    with pytest.raises(ValueError, match="rope_scaling.*dynamic"):  # longrope: test_convert_phi3_longrope.py
+        llama_config_kwargs({**phi, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
     mistral = W.hf_text_config("mistral").to_dict()
     with pytest.raises(ValueError, match="sliding_window=256 is smaller than seq_length=300"):
         llama_config_kwargs(mistral, seq_length=300)
