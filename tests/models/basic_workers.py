@@ -302,3 +302,44 @@ def fp8_sequence_padding(rank, world) -> dict:
             images, text, b.input_ids, b.loss_mask, b.labels, False, -200, b.num_image_tiles, None, None)
         out[str(fp8)] = (combined.shape[0], labels.shape[1], float(loss_mask[:, 35:].abs().sum()))
     return out
+
+
+def study_arm_switch(rank, world) -> dict:
+    """nemo_basic.study.engine.set_basic on ONE model built with BASIC on (as the study builds it)
+    against a fresh model built with each arm's settings, same weights and batch: the LM loss,
+    every gradient and the logged BASIC losses."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state as ps
+
+    from nemo_basic.study import engine as E
+    from nemo_basic.study.protocol import arm_basic
+
+    def step(model):
+        for p in model.parameters():
+            p.grad = None
+        out, mask = _call(model, mixed_batch(7))
+        loss = tiny.lm_loss(out, mask)
+        loss.backward()
+        logs = {}
+        if model.capture is not None:
+            logs = {name: float(total) / count for name, (total, count) in model.capture.pop_logs().items()}
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, logs
+
+    switched = build(BasicConfig(), freeze_vision=False)
+    state = switched.state_dict()
+    built = SimpleNamespace(mcore=switched)
+    out = {}
+    for arm in ("llava", "const", "equal", "sds_only", "basic", "llava"):
+        E.set_basic(built, arm_basic(arm))
+        got = step(switched)
+        ps.destroy_model_parallel()
+        fresh = build(arm_basic(arm), freeze_vision=False)
+        fresh.load_state_dict(state, strict=False)
+        want = step(fresh)
+        ps.destroy_model_parallel()
+        tiny.init_parallel(1, 1, 1234)  # the switched model keeps running in this process
+        out[arm] = {"loss_equal": torch.equal(got[0], want[0]), "grad_names_equal": got[1].keys() == want[1].keys(),
+                    "max_grad_diff": max(float((got[1][n] - want[1][n]).abs().max()) for n in want[1]),
+                    "logs": got[2], "want_logs": want[2]}
+    return out

@@ -172,3 +172,16 @@ def test_host_syncs_per_micro_batch_are_a_small_constant(spawn):
         assert sum(r["added"].values()) <= 1, r
         assert all(v >= 0 for v in r["added"].values()), r
     assert len({sum(r["added"].values()) for r in results}) == 1, results
+
+
+def test_study_arm_switch_equals_a_model_built_per_arm(spawn):
+    """The A/B study builds one model (BASIC on) and switches arms on it (nemo_basic.study.engine):
+    each arm must train exactly as a model built with that arm's settings; 'llava' exactly as BASIC off."""
+    (r,) = spawn(W.study_arm_switch, 1)
+    for arm, res in r.items():
+        assert res["loss_equal"] and res["grad_names_equal"], (arm, res)
+        assert res["max_grad_diff"] <= 1e-6, (arm, res)
+        assert res["logs"].keys() == res["want_logs"].keys(), (arm, res)
+        for name, value in res["want_logs"].items():
+            assert res["logs"][name] == pytest.approx(value, rel=1e-6), (arm, name)
+    assert r["llava"]["logs"] == {} and set(r["sds_only"]["logs"]) == {"sds"} and set(r["basic"]["logs"]) == {"das", "sds"}
