@@ -52,7 +52,8 @@ DEV = [
     "onnxruntime",    # parity reference for the DINOv2 conversion
     "scikit-image",   # captioned images for the embedded data set
     "scikit-learn",
-    "matplotlib",
+    "matplotlib",     # lens pictures, study figures
+    "scipy",          # the A/B study's statistics (already pulled in by scikit-learn)
     "safetensors",
 ]
 
