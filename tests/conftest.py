@@ -36,3 +36,38 @@ def embedded_runs(tmp_path_factory):
         with open(log_dir / "embedded" / f"stage{stage}" / "recipe" / "summary.json") as f:
             out[stage] = {"summary": json.load(f), "stdout": proc.stdout}
     return out
+
+
+# -- shared gloo ranks for the spawned tests (tests/models, tests/supervision) ---------------------
+# Starting a rank (a fresh interpreter importing torch, Megatron and NeMo) costs more than the tiny
+# models and tensors the tests run, so each world size is started once per folder and every test's
+# call runs on it in turn (nemo_basic.testing.spawn.DistributedPool: it tears Megatron's state down
+# between calls and restarts the ranks after a failure).
+_POOLS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def spawn():
+    """``spawn(fn, world_size, *args, timeout=...)``: as run_distributed, on shared ranks."""
+    from nemo_basic.testing.spawn import DistributedPool
+
+    def run(fn, world_size, *args, timeout=600.0):
+        if world_size not in _POOLS:
+            _POOLS[world_size] = DistributedPool(world_size)
+        return _POOLS[world_size].run(fn, *args, timeout=timeout)
+    return run
+
+
+def _close_pools():
+    while _POOLS:
+        _POOLS.popitem()[1].close()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    # Idle ranks hold a few hundred MB each: give them back when the tests of a folder are done.
+    if _POOLS and (nextitem is None or Path(nextitem.path).resolve().parent != Path(item.path).resolve().parent):
+        _close_pools()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _close_pools()
