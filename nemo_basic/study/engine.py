@@ -12,7 +12,7 @@ gradients (``capture.AuxLossAutoScaler``) are the model's own code, unchanged.
 
 Precision: bfloat16 weights and activations (as the paper's GPUs run), float32 master weights
 and optimizer state for what trains (as Megatron's mixed-precision optimizer keeps them). On
-these CPUs bf16 matrix products run on AMX, about 4x the float32 rate.
+these CPUs bf16 matrix products run on AMX (faster than float32; not benchmarked by a repo script).
 """
 from __future__ import annotations
 
