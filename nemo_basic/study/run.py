@@ -26,14 +26,16 @@ def _write_json(path: str, obj) -> None:
 
 
 def check_protocol(out: str, protocol: Protocol) -> None:
-    """A results folder belongs to one protocol: refuse to mix runs of two."""
+    """A results folder belongs to one protocol: refuse to mix runs of two. The arms, seeds and
+    preset name may differ (a run is defined by the settings, so the `full` preset's llava and
+    basic runs are runs of the `ablations` preset too); every other setting must be equal."""
     path = os.path.join(out, "protocol.json")
     mine = protocol.to_dict()
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f)
         theirs.pop("measured", None)
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k not in ("arms", "seeds"))
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k not in ("name", "arms", "seeds"))
         if diff:
             raise SystemExit(f"error: {path} was written by another protocol (differs in {', '.join(diff)}); "
                              f"use another --out or delete the folder")

@@ -92,3 +92,19 @@ def test_key_answer(kind, text, key):
 def test_exact_match_normalisation():
     assert normalise("  The circle  is\nred. ") == normalise("the circle is red.")
     assert normalise("The circle is red") != normalise("The circle is red.")
+
+
+def test_a_results_folder_takes_runs_of_equal_settings_only(tmp_path):
+    """The full preset's llava/basic runs are runs of the ablations preset (same settings, other
+    name and arms); a folder written under other settings is refused, naming the setting."""
+    import json
+
+    from nemo_basic.study.run import check_protocol
+
+    full, ablations = PRESETS["full"], PRESETS["ablations"]
+    (tmp_path / "protocol.json").write_text(json.dumps(dict(full.to_dict(), measured={"k": 15})))
+    check_protocol(str(tmp_path), ablations)  # accepted: only name and arms differ
+    with pytest.raises(SystemExit, match="differs in stage1_steps"):
+        check_protocol(str(tmp_path), dataclasses.replace(ablations, stage1_steps=full.stage1_steps + 1))
+    with pytest.raises(SystemExit, match="differs in eval_scenes, train_scenes"):
+        check_protocol(str(tmp_path), dataclasses.replace(ablations, train_scenes=64, eval_scenes=8))
