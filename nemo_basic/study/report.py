@@ -261,7 +261,12 @@ def significance_statement(summary: dict) -> str:
         out.append(f"The exact sign-flip test cannot reach {alpha:.0%} with these few seeds (its smallest "
                    f"possible p is {_f(floors[0], 3)}).")
     if item_only:
-        txt = ", ".join(f"{a} on {name} (Holm item p {_p(e['holm_p_item'])})" for a, name, e in item_only)
+        def direction(name, e):  # the item-level difference's sign, read with the metric's direction
+            higher = summary["metrics"][name]["higher_is_better"]
+            return "better" if (e["item_level"]["mean_diff"] > 0) == higher else "worse"
+
+        txt = ", ".join(f"{a} {direction(name, e)} on {name} (Holm item p {_p(e['holm_p_item'])})"
+                        for a, name, e in item_only)
         out.append(f"At the item level only (held-out items of these same trained models, not new training "
                    f"runs): {txt}.")
     return " ".join(out)

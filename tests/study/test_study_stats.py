@@ -233,3 +233,18 @@ def test_summarize_names_the_metric_of_a_bad_item_list():
         S.summarize(runs)
     with pytest.raises(ValueError, match="run #0 has no 'seed' key"):
         S.summarize([{"arm": "llava"}])
+
+
+def test_item_level_statement_says_which_way():
+    """One seed per arm (no seed-level test): the item-level findings name their direction, read
+    with the metric's (caption CE: lower is better)."""
+    rng = np.random.default_rng(5)
+    runs = [_run("llava", 0, 0.0, 0.0, rng), _run("basic", 0, -0.5, 0.0, rng), _run("dec", 0, +0.5, 0.0, rng)]
+    summ = S.summarize(runs)
+    for arm, word in (("basic", "better"), ("dec", "worse")):
+        e = summ["comparisons"]["stage1/caption_ce"][arm]
+        assert e["holm_p"] is None and e["holm_p_item"] < 0.05
+        assert (e["item_level"]["mean_diff"] < 0) == (word == "better")
+    text = significance_statement(summ)
+    assert "basic better on stage1/caption_ce (Holm item p" in text
+    assert "dec worse on stage1/caption_ce (Holm item p" in text
