@@ -97,21 +97,34 @@ def set_basic(built: Built, basic: BasicConfig) -> None:
     m.capture = capture
 
 
-def reset(built: Built, seed: int) -> None:
-    """The LLM's pretrained weights and a fresh, seeded projector (Megatron's initialisation)."""
+def jitter_(w: torch.Tensor, rel: float, generator: torch.Generator) -> torch.Tensor:
+    """w *= 1 + rel * z, z ~ N(0, 1) from its own generator, in place (float32, before the cast to
+    the model's dtype): the noise floor's near-null perturbation (protocol.INIT_JITTER)."""
+    z = torch.empty(w.shape, dtype=w.dtype).normal_(0.0, 1.0, generator=generator)
+    return w.mul_(z.mul_(rel).add_(1.0))
+
+
+def reset(built: Built, seed: int, jitter: float = 0.0) -> None:
+    """The LLM's pretrained weights and a fresh, seeded projector (Megatron's initialisation).
+    ``jitter`` > 0 moves each initial weight by that relative amount (its own seed stream, so the
+    draw underneath is the unperturbed run's)."""
     m = built.mcore
     with torch.no_grad():
         sd = m.state_dict()
         for k, v in built.pretrained.items():
             sd[k].copy_(v)
         g = torch.Generator().manual_seed(10_000 + seed)
+        gj = torch.Generator().manual_seed(20_000 + seed)
         std = m.config.vision_projection_config.init_method_std if hasattr(
             m.config.vision_projection_config, "init_method_std") else 0.02
         for name, p in m.vision_projection.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
             else:
-                p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=g).to(p.dtype))
+                w = torch.empty(p.shape).normal_(0.0, std, generator=g)
+                if jitter:
+                    jitter_(w, jitter, gj)
+                p.copy_(w.to(p.dtype))
 
 
 def trainable(built: Built, stage: int) -> List[torch.nn.Parameter]:

@@ -19,8 +19,25 @@ ARMS: Dict[str, dict] = {
     "const": {"weighting": "const"},
     "dec": {"weighting": "dec"},
     "equal": {"degree": "equal"},
+    # The noise floor (docs/ab_study.md, "Noise floor"): two arms that equal llava in exact
+    # arithmetic, so their same-seed distance from llava is what chance alone does to a run.
+    # null: BASIC's capture path runs (hooks, attention capture, both losses computed) with
+    # lambda = 1e-30: the auxiliary gradient (~1e-32) is far below float32 resolution of the LM
+    # gradient it is added to, so only the capture path's own round-off can move the run.
+    "null": {"lambda_das": 1e-30, "lambda_sds": 1e-30},
+    # llava_jitter: llava, with the projector's initial weights moved by a relative 1e-3 before
+    # they are rounded to bf16 (INIT_JITTER): 15 % of them land one bf16 step away, none further
+    # (tests/study/test_study_protocol.py).
+    "llava_jitter": {"enabled": False},
 }
 ABLATIONS = ("das_only", "sds_only", "const", "dec", "equal")
+NOISE_ARMS = ("null", "llava_jitter")
+# arm -> relative perturbation of the projector's float32 initial draw (engine.reset)
+INIT_JITTER: Dict[str, float] = {"llava_jitter": 1e-3}
+
+
+def arm_init_jitter(arm: str) -> float:
+    return INIT_JITTER.get(arm, 0.0)
 
 
 def arm_basic(arm: str) -> BasicConfig:
@@ -101,4 +118,8 @@ PRESETS: Dict[str, Protocol] = {
     "ablations": Protocol(name="ablations", arms=["llava", "basic", *ABLATIONS, "lambda_sds_0.0003"], seeds=[0, 1, 2],
                           train_scenes=320,
                           eval_scenes=24, stage1_steps=24, stage2_steps=6),
+    # The noise floor under the full preset's settings (its llava runs count): how far a run with
+    # the same seed lands from llava when nothing but round-off differs (about 45 min on 2 cores).
+    "noise": Protocol(name="noise", arms=["llava", *NOISE_ARMS], seeds=[0, 1, 2], train_scenes=320,
+                      eval_scenes=24, stage1_steps=24, stage2_steps=6),
 }

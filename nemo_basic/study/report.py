@@ -221,6 +221,59 @@ def _comparisons_md(summary: dict) -> List[str]:
     return lines + [""]
 
 
+# the metrics whose per-seed differences the report lists (the primary endpoints first)
+SEED_DIFF_METRICS = ("stage2/caption_ce", "stage2/qa_key/all", "stage1/caption_ce", "stage1/cos_v_vhat")
+
+
+def noise_floor(summary: dict, noise_arms=None) -> Dict[str, dict]:
+    """Per metric: the largest same-seed |arm - llava| of the noise arms (runs that equal llava in
+    exact arithmetic, protocol.NOISE_ARMS), and for every other arm how many of its paired seeds lie
+    beyond it. Empty when no noise arm has a paired run. Descriptive: it decides no win."""
+    if noise_arms is None:
+        from nemo_basic.study.protocol import NOISE_ARMS as noise_arms
+    out = {}
+    for name in SEED_DIFF_METRICS:
+        fam = summary["comparisons"].get(name, {})
+        noise = [abs(d) for a in noise_arms if (fam.get(a) or {}).get("seed_level")
+                 for d in fam[a]["seed_level"]["diffs"]]
+        if not noise:
+            continue
+        floor = max(noise)
+        present = [a for a in noise_arms if (fam.get(a) or {}).get("seed_level")]
+        beyond = {a: [sum(abs(d) > floor for d in e["seed_level"]["diffs"]), e["seed_level"]["n"]]
+                  for a, e in fam.items() if a not in noise_arms and e["seed_level"]}
+        out[name] = {"floor": floor, "noise_n": len(noise), "noise_arms": present, "beyond": beyond}
+    return out
+
+
+def _seed_diffs_md(summary: dict) -> List[str]:
+    base = summary["baseline"]
+    lines = [f"## Same-seed differences from {base} (arm − {base}, per seed)", "",
+             "Runs with the same seed share the data order, the projector's initial draw and the held-out "
+             "set, so these are the differences that pairing by seed leaves.", "",
+             "| metric | arm | " + " | ".join(f"seed {s}" for s in summary["seeds"]) + " |",
+             "|---|---|" + "---|" * len(summary["seeds"])]
+    for name in SEED_DIFF_METRICS:
+        for a, e in summary["comparisons"].get(name, {}).items():
+            if not e["seed_level"]:
+                continue
+            by_seed = dict(zip(e["seeds"], e["seed_level"]["diffs"]))
+            cells = [_f(by_seed[s], 3) if s in by_seed else "-" for s in summary["seeds"]]
+            lines.append(f"| {name} | {a} | " + " | ".join(cells) + " |")
+    lines.append("")
+    floors = noise_floor(summary)
+    if floors:
+        noise = sorted({a for f in floors.values() for a in f["noise_arms"]})
+        lines += ["Noise floor: the largest same-seed |difference| of the runs that equal "
+                  f"{base} in exact arithmetic (arms {', '.join(noise)}), and how many seeds of each other "
+                  "arm lie beyond it:", ""]
+        for name, f in floors.items():
+            arms = ", ".join(f"{a} {k}/{n}" for a, (k, n) in f["beyond"].items())
+            lines.append(f"- {name}: floor {_f(f['floor'], 3)} (from {f['noise_n']} runs); beyond it: {arms or '-'}")
+        lines.append("")
+    return lines
+
+
 def significance_statement(summary: dict) -> str:
     """Plain-language result, generated from the numbers only."""
     base, alpha = summary["baseline"], summary["alpha"]
@@ -327,6 +380,7 @@ def write_report(out_dir: str) -> str:
     for stage in STAGES:
         lines += _stage_table(summary, stage, expected_n)
     lines += _comparisons_md(summary)
+    lines += _seed_diffs_md(summary)
     lines += ["## Figures", ""] + [f"### {t}\n\n![{t}]({rel})\n" for t, rel in figures]
     lines += _pictures_md(by_arm)
 

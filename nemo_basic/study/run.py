@@ -11,7 +11,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from nemo_basic.study.protocol import PRESETS, Protocol, arm_basic
+from nemo_basic.study.protocol import PRESETS, Protocol, arm_basic, arm_init_jitter
 
 
 def say(msg: str) -> None:
@@ -80,7 +80,7 @@ def run_study(protocol: Protocol, out: str, report: bool = True) -> str:
     for n, (arm, seed) in enumerate(todo, start=1):
         t_run = time.time()
         E.set_basic(built, arm_basic(arm))
-        E.reset(built, seed)
+        E.reset(built, seed, jitter=arm_init_jitter(arm))
         torch.manual_seed(seed)
         tag = f"{arm}-seed{seed}"
         result = {"arm": arm, "seed": seed, "curves": {}, "metrics": {}, "lens_pictures": {}, "qa_answers": None}

@@ -108,3 +108,38 @@ def test_a_results_folder_takes_runs_of_equal_settings_only(tmp_path):
         check_protocol(str(tmp_path), dataclasses.replace(ablations, stage1_steps=full.stage1_steps + 1))
     with pytest.raises(SystemExit, match="differs in eval_scenes, train_scenes"):
         check_protocol(str(tmp_path), dataclasses.replace(ablations, train_scenes=64, eval_scenes=8))
+
+
+def test_noise_arms_equal_llava_in_exact_arithmetic():
+    """The noise floor's arms: null runs BASIC's capture and losses at a weight whose gradient is far
+    below float32 resolution; llava_jitter is llava with a perturbed initial draw. The noise preset
+    runs under the full preset's settings, so the full preset's llava runs are its baseline."""
+    from nemo_basic.study.protocol import NOISE_ARMS, arm_init_jitter
+
+    null = arm_basic("null")
+    assert null.active and (null.das, null.sds, null.weighting, null.degree) == (True, True, "inc", "attention")
+    assert null.lambda_das == null.lambda_sds == 1e-30
+    assert not arm_basic("llava_jitter").active
+    assert arm_init_jitter("llava_jitter") == 1e-3
+    assert all(arm_init_jitter(a) == 0.0 for a in list(ARMS) + ["lambda_sds_0.1"] if a != "llava_jitter")
+    noise = PRESETS["noise"].validate()
+    assert noise.arms == ["llava", *NOISE_ARMS] and noise.seeds == PRESETS["full"].seeds
+    full = PRESETS["full"].to_dict()
+    assert {k for k, v in noise.to_dict().items() if full[k] != v} == {"name", "arms"}
+
+
+def test_init_jitter_moves_some_weights_one_bf16_step():
+    import torch
+
+    from nemo_basic.study.engine import jitter_
+
+    w = torch.empty(100_000).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    z = torch.empty(100_000).normal_(0.0, 1.0, generator=torch.Generator().manual_seed(7))
+    out = jitter_(w.clone(), 1e-3, torch.Generator().manual_seed(7))
+    # float64 reference of w (1 + 1e-3 z), equal up to float32 round-off
+    ref = w.double() * (1.0 + 1e-3 * z.double())
+    torch.testing.assert_close(out.double(), ref, rtol=3e-7, atol=0.0)
+    a, b = w.to(torch.bfloat16), out.to(torch.bfloat16)
+    steps = (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()  # same sign: bit distance = steps
+    assert steps.max() == 1
+    assert 0.10 < (steps == 1).float().mean() < 0.20  # 15 %: a near-null, yet real, change of the draw

@@ -248,3 +248,31 @@ def test_item_level_statement_says_which_way():
     text = significance_statement(summ)
     assert "basic better on stage1/caption_ce (Holm item p" in text
     assert "dec worse on stage1/caption_ce (Holm item p" in text
+
+
+def test_noise_floor_and_per_seed_differences():
+    """The noise floor is the largest same-seed |diff| of the noise arms; each other arm counts the
+    seeds beyond it. Values set by hand here, so the expected numbers are arithmetic on them."""
+    from nemo_basic.study.report import _seed_diffs_md, noise_floor
+
+    rng = np.random.default_rng(9)
+    ce = {("llava", 0): 2.0, ("llava", 1): 2.5, ("llava", 2): 1.8,
+          ("null", 0): 2.1, ("null", 1): 2.2, ("null", 2): 1.8,            # |diff| 0.1, 0.3, 0
+          ("llava_jitter", 0): 2.4, ("llava_jitter", 1): 2.5,             # |diff| 0.4, 0 (seed 2 missing)
+          ("sds_only", 0): 3.3, ("sds_only", 1): 2.6, ("sds_only", 2): 1.3}  # |diff| 1.3, 0.1, 0.5
+    runs = []
+    for (arm, seed), v in ce.items():
+        r = _run(arm, seed, 0.0, 0.0, rng)
+        r["metrics"]["stage2"]["caption_ce"] = v
+        runs.append(r)
+    summ = S.summarize(runs)
+    f = noise_floor(summ)["stage2/caption_ce"]
+    assert f["floor"] == pytest.approx(0.4) and f["noise_n"] == 5
+    assert f["noise_arms"] == ["null", "llava_jitter"] and f["beyond"] == {"sds_only": [2, 3]}
+    text = "\n".join(_seed_diffs_md(summ))
+    assert "| stage2/caption_ce | sds_only | 1.3 | 0.1 | -0.5 |" in text
+    assert "| stage2/caption_ce | llava_jitter | 0.4 | 0 | - |" in text
+    assert "- stage2/caption_ce: floor 0.4 (from 5 runs); beyond it: sds_only 2/3" in text
+    # without noise arms there is no floor, only the per-seed table
+    summ2 = S.summarize([r for r in runs if r["arm"] in ("llava", "sds_only")])
+    assert noise_floor(summ2) == {} and "Noise floor" not in "\n".join(_seed_diffs_md(summ2))
