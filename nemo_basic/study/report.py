@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nemo_basic.study import stats as S
+from nemo_basic.study.protocol import NOISE_ARMS
 
 CURVE_KEYS = ("lm", "das", "sds")
 STAGES = ("stage1", "stage2")
@@ -229,8 +230,7 @@ def noise_floor(summary: dict, noise_arms=None) -> Dict[str, dict]:
     """Per metric: the largest same-seed |arm - llava| of the noise arms (runs that equal llava in
     exact arithmetic, protocol.NOISE_ARMS), and for every other arm how many of its paired seeds lie
     beyond it. Empty when no noise arm has a paired run. Descriptive: it decides no win."""
-    if noise_arms is None:
-        from nemo_basic.study.protocol import NOISE_ARMS as noise_arms
+    noise_arms = NOISE_ARMS if noise_arms is None else noise_arms
     out = {}
     for name in SEED_DIFF_METRICS:
         fam = summary["comparisons"].get(name, {})
