@@ -111,7 +111,7 @@ PRESETS: Dict[str, Protocol] = {
     "full": Protocol(name="full", arms=["llava", "basic"], seeds=[0, 1, 2], train_scenes=320, eval_scenes=24,
                      stage1_steps=24, stage2_steps=6),
     # The whole protocol: the main comparison and every table-4 ablation, 3 seeds (about 3 hours on
-    # 2 CPU cores; partly run, docs/ab_study_results/2026-12-02-ablations).
+    # 2 CPU cores; run in two parts, docs/ab_study_results/2026-12-02-ablations).
     # lambda_sds_0.0003: the rule of docs/ab_study.md ("Loss weights"): our L_sds/L_lm gradient ratio
     # at the projector is 33x the 7B-shaped proxy's (scripts/grad_ratio.py), so one arm takes the
     # lambda_2 that restores the proxy's ratio.

@@ -5,7 +5,7 @@ Every arm is shown in every table (never only the best), runs that the protocol 
 that are absent are listed as missing, and the significance sentence is generated from the
 numbers, so the text cannot claim more than the tests give.
 
-CLI: ``python -m nemo_basic.study.report OUT``. Plain Python + numpy/scipy/matplotlib.
+CLI: ``python -m nemo_basic.study.report OUT [--noise NOISE_OUT]``. Plain Python + numpy/scipy/matplotlib.
 """
 from __future__ import annotations
 
@@ -226,27 +226,30 @@ def _comparisons_md(summary: dict) -> List[str]:
 SEED_DIFF_METRICS = ("stage2/caption_ce", "stage2/qa_key/all", "stage1/caption_ce", "stage1/cos_v_vhat")
 
 
-def noise_floor(summary: dict, noise_arms=None) -> Dict[str, dict]:
+def noise_floor(summary: dict, noise_arms=None, noise_summary: Optional[dict] = None) -> Dict[str, dict]:
     """Per metric: the largest same-seed |arm - llava| of the noise arms (runs that equal llava in
-    exact arithmetic, protocol.NOISE_ARMS), and for every other arm how many of its paired seeds lie
-    beyond it. Empty when no noise arm has a paired run. Descriptive: it decides no win."""
+    exact arithmetic, protocol.NOISE_ARMS), taken from ``noise_summary`` (another results folder
+    with the same llava runs) or else from ``summary``, and for every other arm of ``summary`` how
+    many of its paired seeds lie beyond it. Empty when no noise arm has a paired run. Descriptive:
+    it decides no win."""
     noise_arms = NOISE_ARMS if noise_arms is None else noise_arms
+    source = summary if noise_summary is None else noise_summary
     out = {}
     for name in SEED_DIFF_METRICS:
-        fam = summary["comparisons"].get(name, {})
-        noise = [abs(d) for a in noise_arms if (fam.get(a) or {}).get("seed_level")
-                 for d in fam[a]["seed_level"]["diffs"]]
+        nfam = source["comparisons"].get(name, {})
+        present = [a for a in noise_arms if (nfam.get(a) or {}).get("seed_level")]
+        noise = [abs(d) for a in present for d in nfam[a]["seed_level"]["diffs"]]
         if not noise:
             continue
         floor = max(noise)
-        present = [a for a in noise_arms if (fam.get(a) or {}).get("seed_level")]
         beyond = {a: [sum(abs(d) > floor for d in e["seed_level"]["diffs"]), e["seed_level"]["n"]]
-                  for a, e in fam.items() if a not in noise_arms and e["seed_level"]}
+                  for a, e in summary["comparisons"].get(name, {}).items()
+                  if a not in noise_arms and e["seed_level"]}
         out[name] = {"floor": floor, "noise_n": len(noise), "noise_arms": present, "beyond": beyond}
     return out
 
 
-def _seed_diffs_md(summary: dict) -> List[str]:
+def _seed_diffs_md(summary: dict, noise_summary: Optional[dict] = None, noise_src: str = "") -> List[str]:
     base = summary["baseline"]
     lines = [f"## Same-seed differences from {base} (arm − {base}, per seed)", "",
              "Runs with the same seed share the data order, the projector's initial draw and the held-out "
@@ -261,11 +264,12 @@ def _seed_diffs_md(summary: dict) -> List[str]:
             cells = [_f(by_seed[s], 3) if s in by_seed else "-" for s in summary["seeds"]]
             lines.append(f"| {name} | {a} | " + " | ".join(cells) + " |")
     lines.append("")
-    floors = noise_floor(summary)
+    floors = noise_floor(summary, noise_summary=noise_summary)
     if floors:
         noise = sorted({a for f in floors.values() for a in f["noise_arms"]})
+        src = f", runs of {noise_src}" if noise_src else ""
         lines += ["Noise floor: the largest same-seed |difference| of the runs that equal "
-                  f"{base} in exact arithmetic (arms {', '.join(noise)}), and how many seeds of each other "
+                  f"{base} in exact arithmetic (arms {', '.join(noise)}{src}), and how many seeds of each other "
                   "arm lie beyond it:", ""]
         for name, f in floors.items():
             arms = ", ".join(f"{a} {k}/{n}" for a, (k, n) in f["beyond"].items())
@@ -343,10 +347,31 @@ def _pictures_md(runs_by_arm: Dict[str, List[dict]]) -> List[str]:
     return lines
 
 
-def write_report(out_dir: str) -> str:
+def load_noise(noise_dir: str, runs: List[dict]) -> dict:
+    """The summary of NOISE_DIR's noise-arm runs against its llava runs, which must be the llava
+    runs of ``runs`` (same held-out metrics per seed), or the floor would measure another baseline."""
+    _, noise_runs = load_results(noise_dir)
+    mine = {int(r["seed"]): r for r in runs if r["arm"] == S.BASELINE}
+    keep = []
+    for r in noise_runs:
+        if r["arm"] == S.BASELINE:
+            seed = int(r["seed"])
+            if seed in mine and mine[seed].get("metrics") != r.get("metrics"):
+                raise ValueError(f"write_report: {os.path.join(noise_dir, r['_file'])} is not the llava run of "
+                                 f"seed {seed} that this folder has ({mine[seed]['_file']}): the noise floor "
+                                 f"needs the same baseline runs")
+            keep.append(r)
+        elif r["arm"] in NOISE_ARMS:
+            keep.append(r)
+    return S.summarize(keep)
+
+
+def write_report(out_dir: str, noise_dir: Optional[str] = None) -> str:
     """Read OUT/protocol.json and OUT/runs/*.json; write OUT/report.md, OUT/figures/*.png and
-    OUT/stats.json. Returns the path of report.md."""
+    OUT/stats.json. Returns the path of report.md. ``noise_dir``: a results folder with the noise
+    arms (protocol preset ``noise``) over the same llava runs, whose floor the report then uses."""
     protocol, runs = load_results(out_dir)
+    noise_summary = load_noise(noise_dir, runs) if noise_dir else None
     p_arms, p_seeds = _protocol_grid(protocol)
     summary = S.summarize(runs, arms=p_arms, seeds=p_seeds)
     arms = summary["arms"]
@@ -380,7 +405,8 @@ def write_report(out_dir: str) -> str:
     for stage in STAGES:
         lines += _stage_table(summary, stage, expected_n)
     lines += _comparisons_md(summary)
-    lines += _seed_diffs_md(summary)
+    lines += _seed_diffs_md(summary, noise_summary,
+                            os.path.relpath(noise_dir, out_dir) if noise_dir else "")
     lines += ["## Figures", ""] + [f"### {t}\n\n![{t}]({rel})\n" for t, rel in figures]
     lines += _pictures_md(by_arm)
 
@@ -393,11 +419,19 @@ def write_report(out_dir: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m nemo_basic.study.report OUT", file=sys.stderr)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m nemo_basic.study.report",
+                                 description="Write OUT/report.md, OUT/stats.json and OUT/figures from OUT's runs.")
+    ap.add_argument("out", help="results folder")
+    ap.add_argument("--noise", default=None, help="a results folder of the noise preset over the same llava runs: "
+                                                   "its noise floor is used in the per-seed table")
+    args = ap.parse_args(argv)
+    try:
+        print(write_report(args.out, args.noise))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    print(write_report(argv[0]))
     return 0
 
 

@@ -276,3 +276,34 @@ def test_noise_floor_and_per_seed_differences():
     # without noise arms there is no floor, only the per-seed table
     summ2 = S.summarize([r for r in runs if r["arm"] in ("llava", "sds_only")])
     assert noise_floor(summ2) == {} and "Noise floor" not in "\n".join(_seed_diffs_md(summ2))
+
+
+def test_noise_floor_from_another_folder(tmp_path):
+    """The ablations' report takes its floor from the noise preset's folder, whose llava runs must be
+    the same runs; a different llava run is refused with both file names."""
+    from nemo_basic.study.report import main as report_main
+
+    rng = np.random.default_rng(11)
+    ce = {"abl": {("llava", 0): 2.0, ("llava", 1): 2.5, ("sds_only", 0): 3.3, ("sds_only", 1): 2.6},
+          "noise": {("llava", 0): 2.0, ("llava", 1): 2.5, ("null", 0): 2.3, ("llava_jitter", 1): 2.3}}
+    llava = {s: _run("llava", s, 0.0, 0.0, rng) for s in (0, 1)}
+    for folder, values in ce.items():
+        (tmp_path / folder / "runs").mkdir(parents=True)
+        json.dump({"name": folder, "arms": sorted({a for a, _ in values}), "seeds": [0, 1]},
+                  open(tmp_path / folder / "protocol.json", "w"))
+        for (arm, seed), v in values.items():
+            r = json.loads(json.dumps(llava[seed])) if arm == "llava" else _run(arm, seed, 0.0, 0.0, rng)
+            r["metrics"]["stage2"]["caption_ce"] = v
+            json.dump(r, open(tmp_path / folder / "runs" / f"{arm}-seed{seed}.json", "w"))
+    assert report_main([str(tmp_path / "abl"), "--noise", str(tmp_path / "noise")]) == 0
+    text = open(tmp_path / "abl" / "report.md").read()
+    # floor max(|2.3-2.0|, |2.3-2.5|) = 0.3; sds_only's |diffs| 1.3 and 0.1: one beyond it
+    assert "(arms llava_jitter, null, runs of ../noise)" in text
+    assert "- stage2/caption_ce: floor 0.3 (from 2 runs); beyond it: sds_only 1/2" in text
+    # a noise folder over another llava run is refused, naming both files
+    r = json.load(open(tmp_path / "noise" / "runs" / "llava-seed1.json"))
+    r["metrics"]["stage1"]["caption_ce"] += 1e-9
+    json.dump(r, open(tmp_path / "noise" / "runs" / "llava-seed1.json", "w"))
+    with pytest.raises(ValueError, match=r"llava-seed1.json is not the llava run of seed 1 .*runs/llava-seed1.json"):
+        from nemo_basic.study.report import write_report as wr
+        wr(str(tmp_path / "abl"), str(tmp_path / "noise"))
