@@ -110,16 +110,16 @@ PRESETS: Dict[str, Protocol] = {
     # The run quoted in the README (about an hour on 2 idle cores): the main comparison.
     "full": Protocol(name="full", arms=["llava", "basic"], seeds=[0, 1, 2], train_scenes=320, eval_scenes=24,
                      stage1_steps=24, stage2_steps=6),
-    # The whole protocol: the main comparison and every table-4 ablation, 3 seeds (about 3 hours on
-    # 2 CPU cores; run in two parts, docs/ab_study_results/2026-12-02-ablations).
-    # lambda_sds_0.0003: the rule of docs/ab_study.md ("Loss weights"): our L_sds/L_lm gradient ratio
-    # at the projector is 33x the 7B-shaped proxy's (scripts/grad_ratio.py), so one arm takes the
-    # lambda_2 that restores the proxy's ratio.
-    "ablations": Protocol(name="ablations", arms=["llava", "basic", *ABLATIONS, "lambda_sds_0.0003"], seeds=[0, 1, 2],
-                          train_scenes=320,
-                          eval_scenes=24, stage1_steps=24, stage2_steps=6),
-    # The noise floor under the full preset's settings (its llava runs count): how far a run with
-    # the same seed lands from llava when nothing but round-off differs (about 45 min on 2 cores).
-    "noise": Protocol(name="noise", arms=["llava", *NOISE_ARMS], seeds=[0, 1, 2], train_scenes=320,
-                      eval_scenes=24, stage1_steps=24, stage2_steps=6),
 }
+# The next two run under the full preset's settings by construction, so its llava runs are theirs.
+# The whole protocol: the main comparison and every table-4 ablation, 3 seeds (about 3 hours on
+# 2 CPU cores; run in two parts, docs/ab_study_results/2026-12-02-ablations).
+# lambda_sds_0.0003: the rule of docs/ab_study.md ("Loss weights"): our L_sds/L_lm gradient ratio
+# at the projector is 33x the 7B-shaped proxy's (scripts/grad_ratio.py), so one arm takes the
+# lambda_2 that restores the proxy's ratio.
+PRESETS["ablations"] = dataclasses.replace(PRESETS["full"], name="ablations", seeds=list(PRESETS["full"].seeds),
+                                           arms=["llava", "basic", *ABLATIONS, "lambda_sds_0.0003"])
+# The noise floor: how far a run with the same seed lands from llava when nothing but round-off
+# differs (about 45 min on 2 cores).
+PRESETS["noise"] = dataclasses.replace(PRESETS["full"], name="noise", seeds=list(PRESETS["full"].seeds),
+                                       arms=["llava", *NOISE_ARMS])

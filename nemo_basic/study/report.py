@@ -226,25 +226,24 @@ def _comparisons_md(summary: dict) -> List[str]:
 SEED_DIFF_METRICS = ("stage2/caption_ce", "stage2/qa_key/all", "stage1/caption_ce", "stage1/cos_v_vhat")
 
 
-def noise_floor(summary: dict, noise_arms=None, noise_summary: Optional[dict] = None) -> Dict[str, dict]:
+def noise_floor(summary: dict, noise_summary: Optional[dict] = None) -> Dict[str, dict]:
     """Per metric: the largest same-seed |arm - llava| of the noise arms (runs that equal llava in
     exact arithmetic, protocol.NOISE_ARMS), taken from ``noise_summary`` (another results folder
     with the same llava runs) or else from ``summary``, and for every other arm of ``summary`` how
     many of its paired seeds lie beyond it. Empty when no noise arm has a paired run. Descriptive:
     it decides no win."""
-    noise_arms = NOISE_ARMS if noise_arms is None else noise_arms
     source = summary if noise_summary is None else noise_summary
     out = {}
     for name in SEED_DIFF_METRICS:
         nfam = source["comparisons"].get(name, {})
-        present = [a for a in noise_arms if (nfam.get(a) or {}).get("seed_level")]
+        present = [a for a in NOISE_ARMS if (nfam.get(a) or {}).get("seed_level")]
         noise = [abs(d) for a in present for d in nfam[a]["seed_level"]["diffs"]]
         if not noise:
             continue
         floor = max(noise)
         beyond = {a: [sum(abs(d) > floor for d in e["seed_level"]["diffs"]), e["seed_level"]["n"]]
                   for a, e in summary["comparisons"].get(name, {}).items()
-                  if a not in noise_arms and e["seed_level"]}
+                  if a not in NOISE_ARMS and e["seed_level"]}
         out[name] = {"floor": floor, "noise_n": len(noise), "noise_arms": present, "beyond": beyond}
     return out
 

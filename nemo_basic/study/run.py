@@ -146,9 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     out = args.out or os.path.join("ab_study", name)
     if args.report_only:
-        from nemo_basic.study.report import write_report
+        from nemo_basic.study.report import main as report_main
 
-        print(write_report(out))
-        return 0
+        return report_main([out])
     run_study(protocol, out)
     return 0
