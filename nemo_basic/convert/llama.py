@@ -79,7 +79,7 @@ def llama_config_kwargs(hf_config: Any, **overrides: Any) -> dict:
     than ``seq_length``).
     """
     from nemo_basic.compat import cpu_backend_needed
-
+    from nemo_basic.compat.kernels import available_fusions, have_transformer_engine
     from nemo_basic.convert.families import family_config_kwargs, family_of_model_type
 
     cfg = _hf_config_dict(hf_config)
@@ -121,14 +121,16 @@ def llama_config_kwargs(hf_config: Any, **overrides: Any) -> dict:
         params_dtype=torch.float32,
     )
     kw.update(family_kw)
-    if cpu_backend_needed():  # fused kernels need CUDA / Transformer Engine
-        kw.update(use_cpu_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
-                  persist_layer_norm=False, bias_dropout_fusion=False, gradient_accumulation_fusion=False,
-                  apply_rope_fusion=False, cross_entropy_loss_fusion=False)
-        if family.name == "gemma":  # NeMo's GemmaConfig asks TE for flash attention; Megatron's own here
-            from megatron.core.transformer.enums import AttnBackend
+    # Each fusion only where its kernel imports (TE, apex), not wherever CUDA is: NeMo's family
+    # configs turn them all on (nemo_basic.compat.kernels says what fails otherwise).
+    kw.update({flag: False for flag, ok in available_fusions().items() if not ok})
+    if cpu_backend_needed():
+        kw["use_cpu_initialization"] = True
+    if family.name == "gemma" and not have_transformer_engine():
+        # NeMo's GemmaConfig asks TE for flash attention; Megatron's own attention here
+        from megatron.core.transformer.enums import AttnBackend
 
-            kw["attention_backend"] = AttnBackend.auto
+        kw["attention_backend"] = AttnBackend.auto
     kw.update(overrides)
     hf_vocab = cfg["vocab_size"]
     if "vocab_size" not in overrides:

@@ -2,23 +2,11 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-
-@functools.lru_cache(maxsize=None)
-def have_transformer_engine() -> bool:
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from nemo_basic.compat.kernels import have_transformer_engine  # noqa: F401  (re-exported: the spec choice)
 
 
 def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
