@@ -58,8 +58,18 @@ def _cuda_device_literals() -> None:
     "'torch.cuda.Stream requires CUDA support'",
 )
 def _cuda_stream() -> None:
-    torch.cuda.Stream = lambda *args, **kwargs: None
+    torch.cuda.Stream = _NoStream
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+
+
+class _NoStream:
+    """Stands in for `torch.cuda.Stream` without CUDA. A class, not a function: code that only
+    annotates with it must still evaluate (transformers 5.x writes `torch.cuda.Stream | None` in a
+    signature, generation/continuous_batching/input_outputs.py, which a lambda turns into a
+    TypeError at import)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
 
 @PATCHES.register(
