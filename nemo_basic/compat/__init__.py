@@ -67,6 +67,10 @@ def apply(defer_megatron: bool = False) -> list[str]:
     applied = []
     if torchvision_shim.apply() or torchvision_shim.active():
         applied.append("torchvision_shim")
+    if not torch.cuda.is_available():  # whatever the backend: these fail for want of a device
+        from nemo_basic.compat import no_gpu
+
+        applied += no_gpu.PATCHES.apply()
     if cpu_backend_needed():
         if defer_megatron and "megatron.core" not in sys.modules:
             if not any(isinstance(f, _AfterMegatronImport) for f in sys.meta_path):
@@ -91,10 +95,10 @@ def apply_nemo() -> list[str]:
 
 
 def describe() -> str:
-    from nemo_basic.compat import megatron_cpu, nemo_cpu, versions
+    from nemo_basic.compat import megatron_cpu, nemo_cpu, no_gpu, versions
 
     lines = []
-    for patch_set in (megatron_cpu.PATCHES, nemo_cpu.PATCHES, versions.PATCHES):
+    for patch_set in (no_gpu.PATCHES, megatron_cpu.PATCHES, nemo_cpu.PATCHES, versions.PATCHES):
         lines.append(f"{patch_set.title}:")
         lines += [f"  {p.name}: {p.upstream}\n      prevents: {p.why}" for p in patch_set.patches]
     return "\n".join(lines)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 # Every attribute any CPU patch may replace, read as an object identity.
@@ -80,3 +81,48 @@ def test_megatron_patches_follow_the_first_megatron_import():
               r.CudaRNGStatesTracker.add.__module__)
     """)
     assert _run(code) == "False False True nemo_basic.compat.megatron_cpu"
+
+
+@pytest.mark.gpu_path
+def test_megatron_imports_without_a_visible_gpu_and_no_inline_build():
+    """megatron-core builds a CUDA extension when imported (inference/unified_memory.py); with a CUDA
+    torch and no visible GPU, torch 2.11 raises IndexError there (reproduced: load_inline made to
+    raise it). With nemo_basic imported first the build is never attempted and the module says what
+    upstream says when the build fails: no unified memory."""
+    code = textwrap.dedent("""
+        import torch.utils.cpp_extension as ext
+        calls = []
+        def load_inline(*args, **kwargs):
+            calls.append(kwargs.get("name"))
+            raise IndexError("list index out of range")  # torch 2.11, no GPU, TORCH_CUDA_ARCH_LIST unset
+        ext.load_inline = load_inline
+        import nemo_basic
+        import megatron.core
+        import megatron.core.inference.contexts.dynamic_context as dc
+        from megatron.core.inference import unified_memory as um
+        try:
+            um.create_unified_mempool()
+            refused = False
+        except AssertionError:
+            refused = True
+        print(calls, dc.has_unified_memory, um.has_unified_memory, refused,
+              "unified_memory_build" in nemo_basic.ACTIVE_PATCHES)
+    """)
+    assert _run(code) == "[] False False True True"
+
+
+@pytest.mark.gpu_path
+def test_cuda_stream_stand_in_is_a_class():
+    """transformers 5.x annotates `torch.cuda.Stream | None` at import
+    (generation/continuous_batching/input_outputs.py): the CPU stand-in must support `|`."""
+    code = textwrap.dedent("""
+        import nemo_basic
+        from nemo_basic import compat
+        compat.apply_nemo()
+        import torch
+        hint = torch.cuda.Stream | None
+        with torch.cuda.stream(torch.cuda.Stream()):
+            pass
+        print(type(torch.cuda.Stream()).__name__, hint == (torch.cuda.Stream | None))
+    """)
+    assert _run(code) == "_NoStream True"
