@@ -27,14 +27,18 @@ from nemo_basic.models.basic_config import BasicConfig
 
 
 class AuxLossAutoScaler(torch.autograd.Function):
-    """Identity on `output`; backward also sends `scale` as the gradient of `aux_loss`."""
+    """Identity on `output` (a copy of it); backward also sends `scale` as the gradient of `aux_loss`."""
 
     main_loss_backward_scale: Optional[torch.Tensor] = None
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor):
         ctx.save_for_backward(aux_loss)
-        return output
+        # A copy, not `output` itself: autograd would hand back a view of it, and the result is a
+        # pipeline stage's output, which Megatron frees in place once sent
+        # (schedules.deallocate_output_tensor asserts `out._base is None` when
+        # config.deallocate_pipeline_outputs is set). One [S, B, h] copy per micro-batch with images.
+        return output.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -93,11 +97,16 @@ def sdpa_with_lse(q, k, v, scale: float, dropout_p: float = 0.0):
 
 def softmax_scale_of(core_attention: torch.nn.Module, head_dim: int) -> float:
     """The softmax scale the module applies. Megatron's local DotProductAttention keeps it as
-    `softmax_scale` (query-key layer scaling included); TE's DotProductAttention does not keep it
-    (a local of its __init__), so the config's `softmax_scale` (None: 1/√D) is what it used."""
+    `softmax_scale`, which `apply_query_key_layer_scaling` divides by the layer number while its
+    `scale_mask_softmax` multiplies the scores back by that number before the softmax
+    (megatron/core/transformer/dot_product_attention.py): the product is the scale. TE's
+    DotProductAttention does not keep it (a local of its __init__; its own layer scaling leaves
+    the product unchanged), so the config's `softmax_scale` (None: 1/√D) is what it used."""
     scale = getattr(core_attention, "softmax_scale", None)
-    if scale is None:
-        scale = getattr(getattr(core_attention, "config", None), "softmax_scale", None)
+    if scale is not None:
+        coeff = getattr(getattr(core_attention, "scale_mask_softmax", None), "scale", None)
+        return float(scale) * (float(coeff) if coeff is not None else 1.0)
+    scale = getattr(getattr(core_attention, "config", None), "softmax_scale", None)
     return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
 
 

@@ -343,3 +343,36 @@ def study_arm_switch(rank, world) -> dict:
                     "max_grad_diff": max(float((got[1][n] - want[1][n]).abs().max()) for n in want[1]),
                     "logs": got[2], "want_logs": want[2]}
     return out
+
+
+def layer_scaled_attention(rank, world) -> dict:
+    """Megatron's local DotProductAttention at layer 3 with `apply_query_key_layer_scaling` (its
+    stored softmax_scale is divided by 3, its softmax multiplies by 3): errors of the module and of
+    the lse kernel at `softmax_scale_of(module)`, against float64 causal attention at 1/√D."""
+    import math
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from nemo_basic.models.capture import sdpa_with_lse, softmax_scale_of
+
+    tiny.init_parallel(1, 1, 1234)
+    S, B, H, D = 12, 2, 4, 16
+    config = TransformerConfig(num_layers=4, hidden_size=H * D, num_attention_heads=H, use_cpu_initialization=True,
+                               apply_query_key_layer_scaling=True, attention_softmax_in_fp32=True,
+                               masked_softmax_fusion=False, attention_dropout=0.0)
+    module = DotProductAttention(config, layer_number=3, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(S, B, H, D, generator=g) for _ in range(3))
+    own = module(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.causal)  # [S, B, H·D]
+    scale = softmax_scale_of(module, D)
+    fused, _ = sdpa_with_lse(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), scale)
+    fused = fused.permute(2, 0, 1, 3).reshape(S, B, H * D)
+    qd, kd, vd = (t.double().permute(1, 2, 0, 3) for t in (q, k, v))
+    scores = (qd @ kd.transpose(-1, -2)) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    ref = (scores.softmax(-1) @ vd).permute(2, 0, 1, 3).reshape(S, B, H * D)
+    return {"stored_softmax_scale": module.softmax_scale, "scale": scale,
+            "module_err": float((own.double() - ref).abs().max()),
+            "fused_err": float((fused.double() - ref).abs().max())}

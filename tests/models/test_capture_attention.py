@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 import basic_workers as W
-from nemo_basic.models.capture import fused_unsupported, sdpa_with_lse, softmax_scale_of
+from nemo_basic.models.capture import AuxLossAutoScaler, fused_unsupported, sdpa_with_lse, softmax_scale_of
 
 
 class _Attention(torch.nn.Module):
@@ -27,6 +27,38 @@ def test_softmax_scale_of_te_and_local_modules():
     # TE's DotProductAttention keeps no attribute: the config's scale is what it was built with.
     assert softmax_scale_of(_Attention(config=_config(softmax_scale=0.3)), 64) == 0.3
     assert softmax_scale_of(_Attention(config=_config()), 64) == 1.0 / 8.0
+
+
+def test_softmax_scale_with_query_key_layer_scaling(spawn):
+    """The local module keeps softmax_scale / layer_number and its softmax multiplies the scores
+    by layer_number: the kernel must use the product, or layers 2..k run at the wrong temperature."""
+    (r,) = spawn(W.layer_scaled_attention, 1)
+    assert abs(r["stored_softmax_scale"] - 0.25 / 3) < 1e-12  # 1/√16, divided by layer number 3
+    assert abs(r["scale"] - 0.25) < 1e-12
+    assert r["module_err"] < 1e-5 and r["fused_err"] < 1e-5, r
+
+
+def test_aux_loss_output_is_not_a_view():
+    """The stage output that carries the aux loss can be freed in place by Megatron's pipeline
+    schedule (deallocate_output_tensor asserts `_base is None` under deallocate_pipeline_outputs);
+    values and both gradients are those of the identity plus the loss."""
+    from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
+
+    hidden = torch.randn(6, 2, 8, requires_grad=True)
+    upstream = hidden * 2.0  # a non-leaf, as a decoder block's output is
+    aux = (hidden ** 2).sum()
+    AuxLossAutoScaler.set_loss_scale(0.5)
+    try:
+        out = AuxLossAutoScaler.apply(upstream, aux)
+        assert out._base is None and torch.equal(out, upstream)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    finally:
+        AuxLossAutoScaler.set_loss_scale(None)
+    torch.testing.assert_close(hidden.grad, 2.0 * grad_out + 0.5 * 2.0 * hidden.detach(), rtol=0, atol=1e-6)
+    out2 = AuxLossAutoScaler.apply(hidden * 2.0, (hidden ** 2).sum())
+    deallocate_output_tensor(out2, deallocate_pipeline_outputs=True)  # asserts on a view
+    assert out2.data.numel() == 1
 
 
 def test_fused_kernel_steps_aside_where_it_would_differ():
