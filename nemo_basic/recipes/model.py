@@ -194,11 +194,15 @@ def check_model(cfg: RecipeConfig, runtime: Optional[dict] = None) -> Architectu
     if m.type == "hf" and not m.freeze_vision_model:
         raise bad_value("model.freeze_vision_model", False, "true", "the Hugging Face vision tower is frozen in "
                         "this version (as in LLaVA-1.5 and BASIC)")
-    if runtime is not None and cfg.trainer.fp8 is not None:
+    if runtime is not None and (cfg.trainer.fp8 is not None or cfg.parallel.sequence_parallel):
         from nemo_basic.models.specs import have_transformer_engine
 
-        if not have_transformer_engine():
-            raise bad_value("trainer.fp8", cfg.trainer.fp8, "null", "FP8 needs Transformer Engine (the NGC container)")
+        if not have_transformer_engine():  # a CUDA machine without TE trains on Megatron's local spec
+            if cfg.trainer.fp8 is not None:
+                raise bad_value("trainer.fp8", cfg.trainer.fp8, "null", "FP8 needs Transformer Engine (the NGC "
+                                "container); this machine trains in bf16 on Megatron's local layers")
+            raise bad_value("parallel.sequence_parallel", True, "false", "sequence parallelism needs Transformer "
+                            "Engine's layers (the NGC container)")
     return arch
 
 

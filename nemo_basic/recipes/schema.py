@@ -202,6 +202,9 @@ class TrainerConfig:
     fp8: Optional[str] = F(None, doc="FP8 with Transformer Engine (H100): null | hybrid | e4m3",
                            **choice(*FP8_MODES, nullable=True))
     fp8_recipe: str = F("delayed", doc="FP8 scaling recipe", **choice(*FP8_RECIPES))
+    fp8_param: bool = F(False, doc="FP8 primary weights (TE's fp8_model_init; the distributed optimizer then "
+                        "gathers FP8): off keeps bf16 weights with FP8 GEMMs. Never run with NeVA, nor a bf16 "
+                        "stage-1 checkpoint restored into FP8 weights", **boolean())
     log_every_n_steps: int = F(1, doc="logging interval (TensorBoard, console, metrics.jsonl)", **int_range(1))
     progress_bar: bool = F(True, doc="console progress bar", **boolean())
 
@@ -570,6 +573,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
                         f"a multiple of data.micro_batch_size ({d.micro_batch_size})")
     if t.fp8 is not None and t.precision not in ("auto", "bf16-mixed"):
         raise bad_value("trainer.precision", t.precision, "auto or bf16-mixed", "trainer.fp8 is set")
+    if t.fp8_param and t.fp8 is None:
+        raise bad_value("trainer.fp8_param", True, "false", "trainer.fp8 is null")
     if p.sequence_parallel and p.tensor == 1:
         raise bad_value("parallel.sequence_parallel", True, "false", "parallel.tensor is 1")
     if c.every_n_steps is not None and t.stop_after_steps is not None and t.stop_after_steps < c.every_n_steps:

@@ -136,6 +136,24 @@ def build_optim(cfg: RecipeConfig, runtime: dict, max_steps: int):
     return nl.MegatronOptimizerModule(config=opt, lr_scheduler=sched), warmup
 
 
+def precision_plugin(cfg: RecipeConfig, runtime: dict):
+    """NeMo's MegatronMixedPrecision for the run: fp32, bf16-mixed, or bf16 with FP8 GEMMs."""
+    import torch
+    from nemo import lightning as nl
+
+    t = cfg.trainer
+    dtype = torch.bfloat16 if runtime["precision"] == "bf16-mixed" else torch.float32
+    if runtime["precision"] == "32":
+        return nl.MegatronMixedPrecision(precision="32")
+    kw = dict(precision=runtime["precision"], params_dtype=dtype, pipeline_dtype=dtype, autocast_enabled=False,
+              grad_reduce_in_fp32=True)
+    if t.fp8 is not None:  # as NeMo's bf16_with_fp8_mixed recipe, but FP8 weights only when asked:
+        # NeMo turns fp8_param_gather into fp8_param (FP8 primary weights), which NeVA never ran
+        kw.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe, fp8_margin=0, fp8_amax_history_len=1024,
+                  fp8_amax_compute_algo="max", fp8_param_gather=t.fp8_param)
+    return nl.MegatronMixedPrecision(**kw)
+
+
 def build_trainer(cfg: RecipeConfig, runtime: dict, max_steps: int, callbacks: list):
     import torch
     from nemo import lightning as nl
@@ -157,15 +175,7 @@ def build_trainer(cfg: RecipeConfig, runtime: dict, max_steps: int, callbacks: l
             overlap_param_gather=p.overlap_param_gather and runtime["distributed_optimizer"],
             average_in_collective=True, use_distributed_optimizer=runtime["distributed_optimizer"])
     strategy = nl.MegatronStrategy(**strategy_kw)
-    if runtime["precision"] == "32":
-        plugin = nl.MegatronMixedPrecision(precision="32")
-    else:
-        kw = dict(precision=runtime["precision"], params_dtype=dtype, pipeline_dtype=dtype, autocast_enabled=False,
-                  grad_reduce_in_fp32=True)
-        if t.fp8 is not None:  # as NeMo's bf16_with_fp8_mixed recipe
-            kw.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe, fp8_margin=0, fp8_amax_history_len=1024,
-                      fp8_amax_compute_algo="max", fp8_param_gather=runtime["distributed_optimizer"])
-        plugin = nl.MegatronMixedPrecision(**kw)
+    plugin = precision_plugin(cfg, runtime)
     return nl.Trainer(
         accelerator=runtime["accelerator"], devices=runtime["devices"], num_nodes=t.num_nodes, max_steps=max_steps,
         strategy=strategy, plugins=plugin, callbacks=callbacks, log_every_n_steps=t.log_every_n_steps,

@@ -24,18 +24,29 @@ TEXT_LEN = 20
 SEQ = 64
 
 _CPU_FRIENDLY = dict(
-    use_cpu_initialization=True, params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+    # on the CPU backend only: TE builds FP8 primary weights (fp8_param) by quantising on the GPU
+    use_cpu_initialization=compat.cpu_backend_needed(), params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
     bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
     bias_dropout_fusion=False, gradient_accumulation_fusion=False,
 )
 
 
+def _language_fusions() -> dict:
+    """On a GPU, the LLM's kernel fusions that this machine's kernels allow (as a paper config gets
+    them there, nemo_basic.compat.kernels), so the GPU self-test's tiny runs train with them; on
+    the CPU backend, the flags above."""
+    if compat.cpu_backend_needed():
+        return dict(_CPU_FRIENDLY, apply_rope_fusion=False)
+    from nemo_basic.compat.kernels import available_fusions
+
+    return dict(_CPU_FRIENDLY, **available_fusions())
+
+
 def tiny_language_config(num_layers: int = 4, init_method_std: float = 0.02) -> llm.GPTConfig:
     return llm.GPTConfig(num_layers=num_layers, init_method_std=init_method_std, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
                          seq_length=SEQ, vocab_size=VOCAB, make_vocab_size_divisible_by=128,
-                         position_embedding_type="rope", apply_rope_fusion=False,
-                         share_embeddings_and_output_weights=False,
-                         transformer_layer_spec=language_layer_spec(), **_CPU_FRIENDLY)
+                         position_embedding_type="rope", share_embeddings_and_output_weights=False,
+                         transformer_layer_spec=language_layer_spec(), **_language_fusions())
 
 
 def tiny_vision_config() -> CLIPViTConfig:

@@ -180,3 +180,33 @@ def test_cli_check_reports_the_architecture():
     out = proc.stdout
     assert "LLM 40 layers, hidden 5120" in out and "BASIC k = 20" in out and "total 13.351 B" in out
     assert "precision bf16-mixed" in out and "data_parallel 2" in out and "grad_accumulation 32" in out
+
+
+@pytest.mark.gpu_path
+def test_fp8_primary_weights_only_when_asked():
+    """trainer.fp8 gives FP8 GEMMs on bf16 weights; FP8 primary weights (NeMo's fp8_param_gather →
+    fp8_param → TE's fp8_model_init), never run with NeVA, need trainer.fp8_param=true."""
+    from nemo_basic.recipes import train
+
+    gpu = dict(accelerator="gpu", devices=8, precision="bf16-mixed", distributed_optimizer=True)
+    fp8 = os.path.join(REPO, "conf", "llava15_7b_stage2_fp8.yaml")
+    plugin = train.precision_plugin(load_config(fp8, stage=2), gpu)
+    assert (plugin.dtype_config.fp8, plugin.dtype_config.fp8_param_gather, plugin.dtype_config.fp8_param) == (
+        "hybrid", False, False)
+    plugin = train.precision_plugin(load_config(fp8, ["trainer.fp8_param=true"], stage=2), gpu)
+    assert (plugin.dtype_config.fp8_param_gather, plugin.dtype_config.fp8_param) == (True, True)
+    with pytest.raises(RecipeConfigError, match=r"trainer\.fp8_param = True is invalid.*trainer\.fp8 is null"):
+        load_config(BIG_7B, ["trainer.fp8_param=true"], stage=1)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("override, key", [("trainer.fp8=hybrid", "trainer.fp8"),
+                                           ("parallel.sequence_parallel=true", "parallel.sequence_parallel")])
+def test_cuda_without_te_refuses_what_needs_te(override, key):
+    """On a CUDA machine without Transformer Engine (here: no TE either) FP8 and sequence
+    parallelism are refused by key before anything is built; bf16 on the local spec is not."""
+    gpu = dict(accelerator="gpu", devices=8, precision="bf16-mixed", distributed_optimizer=True)
+    cfg = load_config(BIG_7B, ["parallel.tensor=2", override], stage=1)
+    with pytest.raises(RecipeConfigError, match=rf"{key} = .* is invalid.*Transformer Engine"):
+        M.check_model(cfg, gpu)
+    M.check_model(load_config(BIG_7B, ["parallel.tensor=2"], stage=1), gpu)
