@@ -31,6 +31,9 @@ from nemo_basic.testing import run_distributed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _family_workers as W  # noqa: E402
 
+# the Hugging Face path under the transformers the GPU machine's wheel kit carries (scripts/check_gpu_machine_stack.sh)
+pytestmark = pytest.mark.gpu_path
+
 FAMILIES = W.FAMILIES
 LLAVA_CASES = [(f, t) for f in W.FAMILIES for t in ("clip", "siglip")]
 

@@ -23,6 +23,9 @@ from nemo_basic.convert import (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _convert_workers import VOCAB, positions, tiny_hf_config, tiny_hf_llama  # noqa: E402
 
+# the Hugging Face path under the transformers the GPU machine's wheel kit carries (scripts/check_gpu_machine_stack.sh)
+pytestmark = pytest.mark.gpu_path
+
 TIED = [pytest.param(False, id="untied"), pytest.param(True, id="tied")]
 
 

@@ -142,7 +142,9 @@ def make_vision(path: Path, kind: str, seed: int = 2) -> Path:
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m nemo_basic.export ...`` in a fresh interpreter (checked)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
+    # the repo in front of whatever the path already has (a wheel kit's site on the GPU machine's stack)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path)
     proc = subprocess.run([sys.executable, "-m", "nemo_basic.export", *args], cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -19,6 +19,9 @@ from nemo_basic.convert import ensure_model_parallel
 from nemo_basic.models.basic_config import BasicConfig
 from nemo_basic.testing import run_distributed
 
+# the Hugging Face path under the transformers the GPU machine's wheel kit carries (scripts/check_gpu_machine_stack.sh)
+pytestmark = pytest.mark.gpu_path
+
 BASIC_LAYERS = 2
 
 
