@@ -1,40 +1,49 @@
 #!/usr/bin/env python
-"""Self-test of nemo_basic's GPU path: one command, ≤ 10 minutes on one H100/H200.
+"""Self-test of nemo_basic's GPU path: one command, a few minutes on one H100/H200.
 
-    python scripts/gpu_selftest.py                  # on a CUDA machine with Transformer Engine
+    python scripts/gpu_selftest.py                  # any CUDA machine: with TE (NGC) or without
+    python scripts/gpu_selftest.py --budget 450     # stop starting checks after 450 s
     python scripts/gpu_selftest.py --cpu            # every check that can run without CUDA
     python scripts/gpu_selftest.py --only lse_attention,recipe --out report.json
 
-Run it from a checkout of the repository (check 3 imports the test-suite's helpers from tests/,
-which the Docker image does not copy): in the NGC NeMo container,
+Two machines are supported. The NGC NeMo container (Transformer Engine, apex): from a checkout,
 ``docker run --gpus 1 -v $PWD:/w -w /w nvcr.io/nvidia/nemo:25.11 python scripts/gpu_selftest.py``
-after ``pip install --no-deps -e .``. It prints one PASS / FAIL / SKIP line per check, writes a
-JSON report (``--out``, default ./gpu_selftest.json: per-check status, numbers, error text, and
-the environment) after every check, and exits 1 if any check failed.
+after ``pip install --no-deps -e .``. A bare CUDA machine with torch but no Megatron, NeMo or TE
+and no network: carry the wheel kit (``scripts/gpu_kit.py build --out .kit`` on a machine with
+network) beside the checkout and run ``python3 scripts/gpu_kit.py selftest --kit .kit -- --budget
+450``, which installs it offline and runs this script (README, "A GPU machine without network or
+Transformer Engine"). It runs from a checkout without installing the package (check 3 imports the
+test-suite's helpers from tests/, which needs pytest). Without TE the TE spec and FP8 parts SKIP
+with the reason, and the local spec runs in bf16 on CUDA.
 
-Checks (README "CPU vs GPU"; issue 11):
+It prints the versions first, then one PASS / FAIL / SKIP line per check, writes a JSON report
+(``--out``, default ./gpu_selftest.json: per-check status, numbers, error text, and the
+environment) after every check, and exits 1 if any check failed. The checks run in this order, the
+ones that settle the most first, so that a short budget still answers the main questions:
  1 imports            ``import nemo_basic; import torchvision; import nemo.collections.vlm`` in a
                       fresh process (an abort there, rc 134, is the old torchvision shim).
  2 lse_attention      capture.sdpa_with_lse (bf16) against a float64 eager causal softmax: output,
                       log-sum-exp and gradients, D = 64/128/256, V a view of a fused QKV, and
                       grouped K/V with 8 KV heads passed natively ("gqa_native").
  3 basic_losses       L_das / L_sds of the tiny BASIC NeVA against the test-suite's float64
-                      recomputation, with the TE spec and the local spec in bf16 (CPU: local, fp32);
-                      the lse wrapper's layer output against the module's own (BASIC off).
- 4 recipe             3 steps of conf/tiny.yaml through the recipe on 1 GPU in bf16, then with
-                      trainer.fp8=hybrid: FP8 active in the decoder layers, nonzero amax (CPU: fp32).
- 5 proxy              a 7B-shaped proxy (hidden 4096, 32 heads, ffn 11008, 4 layers, k = 2, vocab
+                      recomputation, with the local spec in bf16 and, where TE imports, the TE spec
+                      (CPU: local, fp32); the lse wrapper's layer output against the module's own.
+ 4 config_rejections  BASIC with context parallelism, interleaved pipeline stages, FP8 attention:
+                      a BasicConfigError naming the key.
+ 5 recipe             3 steps of conf/tiny.yaml through the recipe on 1 GPU in bf16, then, where TE
+                      imports, with trainer.fp8=hybrid: FP8 active in the decoder layers, nonzero
+                      amax (CPU: fp32).
+ 6 proxy              a 7B-shaped proxy (hidden 4096, 32 heads, ffn 11008, 4 layers, k = 2, vocab
                       32000, 576 image + 64 text tokens): step time and peak memory with BASIC on /
                       off, device→host syncs per step (torch.profiler, and the syncing operators
                       counted by nemo_basic.testing.syncs), the L_sds GEMMs with TF32 off / on.
- 6 config_rejections  BASIC with context parallelism, interleaved pipeline stages, FP8 attention:
-                      a BasicConfigError naming the key.
 
-Design: the checks are functions in a small registry. Checks 1-3, 5, 6 run in one worker
-subprocess (a CUDA fault or an abort there cannot take the report with it; a dead worker is
-restarted for the checks after the one it died in); check 4 runs the recipe in its own
-subprocesses. Each check has a time budget (SIGALRM in the worker, a kill from the parent), and
-the whole run stops starting checks near the 10-minute mark.
+Design: the checks are functions in a small registry. Checks that run in this interpreter's
+children run in worker subprocesses (a CUDA fault or an abort there cannot take the report with
+it; a dead worker is restarted for the checks after the one it died in); the recipe runs in its
+own subprocesses. Each check has a time budget (SIGALRM in the worker, a kill from the parent),
+and on a GPU the run stops starting checks when --budget is spent (on a CPU, --cpu, the recipe
+runs beside the worker and only per-check budgets apply).
 """
 from __future__ import annotations
 
@@ -61,9 +70,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-TOTAL_BUDGET_S = 570          # GPU run: stop starting checks after this (10 minutes, with margin)
+if str(REPO) not in sys.path:  # run from a checkout: nemo_basic need not be installed
+    sys.path.insert(0, str(REPO))
+DEFAULT_BUDGET_S = 570        # GPU run: stop starting checks after this (10 minutes, with margin)
 WORKER_START_S = 120          # allowance for a worker's interpreter start (NeMo's import)
-RECIPE_RESERVE_S = 200        # GPU: kept for the recipe (check 4), which runs after the worker
 
 # Budgets (seconds) per check are in the @check lines: GPU ones sized for one H100/H200, CPU ones
 # generous (a shared 2-core machine): in --cpu mode they only stop a hang.
@@ -509,15 +519,18 @@ def check_basic_losses(ctx: Ctx, out: Outcome) -> None:
     workers, reference = suite_helpers()
     from nemo_basic.models.basic_config import BasicConfig
 
-    k = 3
-    specs_to_run = ["local"] if ctx.cpu else ["te", "local"]
-    if ctx.cpu:
-        out.skip("Transformer Engine spec, bf16", "needs CUDA and Transformer Engine (the local spec ran, fp32)")
-    if not ctx.cpu:
-        from nemo_basic.models.specs import have_transformer_engine
+    from nemo_basic.models.specs import have_transformer_engine
 
-        if not have_transformer_engine():
-            raise RuntimeError("Transformer Engine is not importable: the TE spec cannot be built")
+    k = 3
+    if ctx.cpu:
+        specs_to_run = ["local"]
+        out.skip("Transformer Engine spec, bf16", "needs CUDA and Transformer Engine (the local spec ran, fp32)")
+    elif have_transformer_engine():
+        specs_to_run = ["te", "local"]
+    else:  # a CUDA machine without TE trains on the local spec: that is what runs here
+        specs_to_run = ["local"]
+        out.skip("Transformer Engine spec, bf16", "Transformer Engine is not importable here (the local spec "
+                 "ran, bf16)")
     rtol, wtol = LOSS_RTOL[ctx.precision], WRAPPER_RTOL[ctx.precision]
     for spec in specs_to_run:
         r, state = _capture_run(ctx, workers, BasicConfig(layers=k), spec if not ctx.cpu else None)
@@ -548,7 +561,49 @@ def check_basic_losses(ctx: Ctx, out: Outcome) -> None:
                             f"layer-1 rel {row['layer1_rel_err']:.1e}" for s, row in out.numbers.items())
 
 
-# ---- 4 recipe ---------------------------------------------------------------------------------------------
+# ---- 4 config_rejections ------------------------------------------------------------------------------------
+
+REJECTED = {  # what MegatronStrategy / the precision plugin would set on the top-level NeVA config
+    "context_parallel": ({"context_parallel_size": 2}, "context_parallel_size"),
+    "virtual_pipeline": ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+                         "virtual_pipeline_model_parallel_size"),
+    "fp8_dot_product_attention": ({"fp8": "hybrid", "fp8_dot_product_attention": True}, "fp8_dot_product_attention"),
+    "fp8_multi_head_attention": ({"fp8": "hybrid", "fp8_multi_head_attention": True}, "fp8_multi_head_attention"),
+}
+
+
+@check(4, "config_rejections", budget_gpu=60, budget_cpu=120)
+def check_config_rejections(ctx: Ctx, out: Outcome) -> None:
+    """Unsupported layouts with BASIC on → BasicConfigError naming the key; BASIC off → accepted."""
+    from nemo_basic.models.basic_config import BasicConfig, BasicConfigError
+    from nemo_basic.models.neva import BasicNevaConfig
+    from nemo_basic.testing import tiny_neva
+
+    for label, (settings, key) in REJECTED.items():
+        row = {}
+        for enabled in (True, False):
+            config = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2, enabled=enabled))
+            for attr, value in settings.items():
+                setattr(config, attr, value)
+            try:
+                config.validate_basic()
+                got = None
+            except BasicConfigError as e:
+                got = f"BasicConfigError: {e}"
+            except Exception as e:  # noqa: BLE001  (a different error is a failure, reported)
+                got = f"{type(e).__name__}: {e}"
+            row["basic_on" if enabled else "basic_off"] = got or "accepted"
+            if enabled:
+                out.expect(got is not None and got.startswith("BasicConfigError") and key in got,
+                           f"{label}: expected a BasicConfigError naming {key}, got {got or 'no error'}")
+            else:
+                out.expect(got is None, f"{label}: rejected with BASIC off: {got}")
+        out.numbers[label] = row
+    rejected = sum(v["basic_on"].startswith("BasicConfigError") for v in out.numbers.values())
+    out.summary = f"{rejected} of {len(REJECTED)} unsupported configurations rejected with BasicConfigError"
+
+
+# ---- 5 recipe ---------------------------------------------------------------------------------------------
 
 def _recipe_overrides(ctx: Ctx, log_dir: str, name: str) -> list[str]:
     common = [f"run.log_dir={log_dir}", f"run.name={name}", "trainer.max_steps=3", "checkpoint.every_n_steps=null",
@@ -593,12 +648,16 @@ def _losses_finite(run: dict, out: Outcome, label: str) -> None:
                        f"{label}: step {r.get('step')} {key} = {v}")
 
 
-@check(4, "recipe", budget_gpu=420, budget_cpu=480, where="parent")
+@check(5, "recipe", budget_gpu=300, budget_cpu=480, where="parent")
 def check_recipe(ctx: Ctx, out: Outcome) -> None:
     """conf/tiny.yaml, 3 steps through the recipe (subprocess), bf16 then trainer.fp8=hybrid."""
+    from nemo_basic.models.specs import have_transformer_engine
+
     runs = [("bf16" if not ctx.cpu else "fp32", [])]
     if ctx.cpu:
         out.skip("trainer.fp8=hybrid", "FP8 needs Transformer Engine on an H100-class GPU")
+    elif not have_transformer_engine():
+        out.skip("trainer.fp8=hybrid", "Transformer Engine is not importable here (FP8 needs it)")
     else:
         runs.append(("fp8", ["trainer.fp8=hybrid"]))
     budget = REGISTRY["recipe"].budget_cpu if ctx.cpu else min(REGISTRY["recipe"].budget_gpu, ctx_budget_left(ctx))
@@ -733,7 +792,7 @@ def _make_probe(base):
     return Fp8Probe
 
 
-# ---- 5 proxy ----------------------------------------------------------------------------------------------
+# ---- 6 proxy ----------------------------------------------------------------------------------------------
 
 SYNC_RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
@@ -828,7 +887,7 @@ def _sds_gemm_timing(ctx: Ctx, s: dict) -> dict:
     return out
 
 
-@check(5, "proxy", budget_gpu=240, budget_cpu=240)
+@check(6, "proxy", budget_gpu=240, budget_cpu=240)
 def check_proxy(ctx: Ctx, out: Outcome) -> None:
     """7B-shaped proxy step with BASIC on / off: time, peak memory, host syncs; L_sds GEMMs."""
     import torch
@@ -922,54 +981,35 @@ def check_proxy(ctx: Ctx, out: Outcome) -> None:
     out.summary = summary
 
 
-# ---- 6 config_rejections ------------------------------------------------------------------------------------
-
-REJECTED = {  # what MegatronStrategy / the precision plugin would set on the top-level NeVA config
-    "context_parallel": ({"context_parallel_size": 2}, "context_parallel_size"),
-    "virtual_pipeline": ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
-                         "virtual_pipeline_model_parallel_size"),
-    "fp8_dot_product_attention": ({"fp8": "hybrid", "fp8_dot_product_attention": True}, "fp8_dot_product_attention"),
-    "fp8_multi_head_attention": ({"fp8": "hybrid", "fp8_multi_head_attention": True}, "fp8_multi_head_attention"),
-}
-
-
-@check(6, "config_rejections", budget_gpu=60, budget_cpu=120)
-def check_config_rejections(ctx: Ctx, out: Outcome) -> None:
-    """Unsupported layouts with BASIC on → BasicConfigError naming the key; BASIC off → accepted."""
-    from nemo_basic.models.basic_config import BasicConfig, BasicConfigError
-    from nemo_basic.models.neva import BasicNevaConfig
-    from nemo_basic.testing import tiny_neva
-
-    for label, (settings, key) in REJECTED.items():
-        row = {}
-        for enabled in (True, False):
-            config = tiny_neva.tiny_neva_config(BasicNevaConfig, basic=BasicConfig(layers=2, enabled=enabled))
-            for attr, value in settings.items():
-                setattr(config, attr, value)
-            try:
-                config.validate_basic()
-                got = None
-            except BasicConfigError as e:
-                got = f"BasicConfigError: {e}"
-            except Exception as e:  # noqa: BLE001  (a different error is a failure, reported)
-                got = f"{type(e).__name__}: {e}"
-            row["basic_on" if enabled else "basic_off"] = got or "accepted"
-            if enabled:
-                out.expect(got is not None and got.startswith("BasicConfigError") and key in got,
-                           f"{label}: expected a BasicConfigError naming {key}, got {got or 'no error'}")
-            else:
-                out.expect(got is None, f"{label}: rejected with BASIC off: {got}")
-        out.numbers[label] = row
-    rejected = sum(v["basic_on"].startswith("BasicConfigError") for v in out.numbers.values())
-    out.summary = f"{rejected} of {len(REJECTED)} unsupported configurations rejected with BasicConfigError"
-
-
 # ---- environment ------------------------------------------------------------------------------------------
 
 DISTRIBUTIONS = {"torch": ("torch",), "torchvision": ("torchvision",),
                  "transformer_engine": ("transformer_engine", "transformer-engine", "transformer_engine_torch"),
                  "megatron_core": ("megatron-core", "megatron_core"), "nemo": ("nemo_toolkit", "nemo-toolkit"),
-                 "lightning": ("lightning",), "transformers": ("transformers",), "nemo_basic": ("nemo_basic",)}
+                 "lightning": ("lightning",), "pytorch_lightning": ("pytorch-lightning", "pytorch_lightning"),
+                 "transformers": ("transformers",), "tokenizers": ("tokenizers",),
+                 "huggingface_hub": ("huggingface-hub", "huggingface_hub"), "numpy": ("numpy",),
+                 "nemo_basic": ("nemo_basic",)}
+KIT_ENV = "NEMO_BASIC_KIT"  # set by scripts/gpu_kit.py selftest: the wheel kit's folder
+
+
+def kit_summary() -> Optional[dict]:
+    """The wheel kit this run was installed from (scripts/gpu_kit.py's kit.json), if any."""
+    import hashlib
+
+    folder = os.environ.get(KIT_ENV)
+    path = Path(folder) / "kit.json" if folder else None
+    if path is None or not path.is_file():
+        return None
+    data = path.read_bytes()
+    try:
+        kit = json.loads(data)
+    except ValueError:
+        kit = {}
+    wheels = kit.get("wheels") if isinstance(kit, dict) else None
+    return {"folder": str(Path(folder).resolve()), "kit_json_sha256": hashlib.sha256(data).hexdigest(),
+            "wheels": len(wheels) if isinstance(wheels, list) else None,
+            "bytes": kit.get("total_bytes") if isinstance(kit, dict) else None}
 
 
 def parent_environment() -> dict:
@@ -991,10 +1031,34 @@ def parent_environment() -> dict:
         commit = None
     env_keys = ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE", "CUDA_VISIBLE_DEVICES",
                 "NEMO_BASIC_CPU_BACKEND", "NVIDIA_PYTORCH_VERSION", "NVIDIA_NEMO_VERSION", "NEMO_VERSION",
-                "CUDA_VERSION", "NCCL_VERSION")
+                "CUDA_VERSION", "NCCL_VERSION", "TORCH_CUDA_ARCH_LIST", "PYTHONPATH", KIT_ENV)
+    gpus = None
+    if shutil.which("nvidia-smi"):  # the parent creates no CUDA context: ask the driver's tool
+        try:
+            gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                   "--format=csv,noheader"], capture_output=True, text=True,
+                                  timeout=20).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    import torch
+
     return {"versions": versions, "git_commit": commit, "python": platform.python_version(),
             "platform": platform.platform(), "hostname": socket.gethostname(), "cpus": os.cpu_count(),
-            "env": {k: os.environ.get(k) for k in env_keys}}
+            "torch_cuda": torch.version.cuda, "nvidia_smi": gpus,
+            "env": {k: os.environ.get(k) for k in env_keys}, "kit": kit_summary()}
+
+
+def print_versions(environment: dict) -> None:
+    """The first lines of every run: what this machine has (None: not installed)."""
+    v = environment["versions"]
+    print(f"python {environment['python']} on {environment['platform']}, {environment['cpus']} CPUs, "
+          f"commit {(environment['git_commit'] or 'unknown')[:12]}", flush=True)
+    print("versions: " + ", ".join(f"{k} {v[k]}" for k in DISTRIBUTIONS), flush=True)
+    print(f"torch CUDA build: {environment['torch_cuda']}; GPUs (nvidia-smi): {environment['nvidia_smi']}", flush=True)
+    kit = environment.get("kit")
+    if kit:
+        print(f"wheel kit: {kit['folder']} ({kit['wheels']} wheels, {kit['bytes']} bytes, kit.json sha256 "
+              f"{kit['kit_json_sha256'][:16]})", flush=True)
 
 
 def worker_environment(ctx: Ctx, modules: bool) -> dict:
@@ -1057,18 +1121,17 @@ def ctx_budget_left(ctx: Ctx) -> float:
     return max(0.0, _DEADLINE[0] - time.monotonic())
 
 
-def run_worker_group(names: list[str], ctx: Ctx, on_result: Callable[[dict], None], environment: dict,
-                     reserve_s: float = 0.0) -> None:
+def run_worker_group(names: list[str], ctx: Ctx, on_result: Callable[[dict], None], environment: dict) -> None:
     """Run `names` in worker subprocesses; a worker that dies fails the check it was in, and a new
-    worker takes the checks after it. `reserve_s`: time kept for the checks that run after these."""
+    worker takes the checks after it."""
     pending = list(names)
     while pending:
-        left = ctx_budget_left(ctx) - reserve_s
+        left = ctx_budget_left(ctx)
         budget = sum(REGISTRY[n].budget_cpu if ctx.cpu else REGISTRY[n].budget_gpu for n in pending)
         timeout = min(budget + WORKER_START_S, left) if math.isfinite(left) else budget + WORKER_START_S
         if timeout < 20:
             for n in pending:
-                on_result(skipped(n, "out of the 10-minute budget"))
+                on_result(skipped(n, "out of the run's budget (--budget)"))
             return
         results_path = os.path.join(ctx.tmp, f"worker_{len(os.listdir(ctx.tmp))}.jsonl")
         stderr_path = results_path + ".stderr"
@@ -1142,7 +1205,7 @@ def parent_main(args) -> int:
             return 2
     ctx = Ctx(cpu=args.cpu, tmp=tempfile.mkdtemp(prefix="gpu_selftest_"))
     if not args.cpu:
-        _DEADLINE[0] = started + TOTAL_BUDGET_S
+        _DEADLINE[0] = started + args.budget
     order = sorted(REGISTRY.values(), key=lambda c: c.number)
     wanted = [c.name for c in order]
     if args.only:
@@ -1153,7 +1216,7 @@ def parent_main(args) -> int:
         wanted = [n for n in wanted if n in args.only]
     report = {"schema": 1, "script": "scripts/gpu_selftest.py", "mode": "cpu" if args.cpu else "gpu",
               "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "environment": parent_environment(), "checks": []}
+              "budget_s": None if args.cpu else args.budget, "environment": parent_environment(), "checks": []}
     results: dict[str, dict] = {}
 
     def write_report() -> None:
@@ -1172,29 +1235,37 @@ def parent_main(args) -> int:
             print_line(r)
             write_report()
 
-    print(f"nemo_basic GPU self-test ({report['mode']} mode), report: {os.path.abspath(args.out)}", flush=True)
-    worker_names = [n for n in wanted if REGISTRY[n].where == "worker"]
-    parent_names = [n for n in wanted if REGISTRY[n].where == "parent"]
+    print(f"nemo_basic GPU self-test ({report['mode']} mode"
+          f"{'' if args.cpu else f', budget {args.budget} s'}), report: {os.path.abspath(args.out)}", flush=True)
+    print_versions(report["environment"])
+    write_report()
 
-    def run_parent_checks() -> None:
-        for name in parent_names:
-            if ctx_budget_left(ctx) < 60:
-                on_result(skipped(name, "out of the 10-minute budget"))
-            else:
-                on_result(run_check(REGISTRY[name], ctx))
+    def run_parent_check(name: str) -> None:
+        if ctx_budget_left(ctx) < 60:
+            on_result(skipped(name, f"out of the {args.budget} s budget"))
+        else:
+            on_result(run_check(REGISTRY[name], ctx))
 
-    # On a GPU everything runs one after the other (the proxy's timings must not share the device).
-    # On a CPU the recipe's processes run beside the worker: two busy processes, half the wall time.
-    beside = threading.Thread(target=run_parent_checks) if ctx.cpu and worker_names and parent_names else None
-    if beside is not None:
+    if ctx.cpu:
+        # On a CPU the recipe's processes run beside the worker: two busy processes, half the wall time.
+        parent_names = [n for n in wanted if REGISTRY[n].where == "parent"]
+        beside = threading.Thread(target=lambda: [run_parent_check(n) for n in parent_names])
         beside.start()
-    if worker_names:  # one interpreter for checks 1-3, 5, 6 (1 first: nothing imported before it)
-        reserve = 0.0 if ctx.cpu or not parent_names else RECIPE_RESERVE_S
-        run_worker_group(worker_names, ctx, on_result, report["environment"], reserve)
-    if beside is not None:
+        run_worker_group([n for n in wanted if REGISTRY[n].where == "worker"], ctx, on_result, report["environment"])
         beside.join()
     else:
-        run_parent_checks()
+        # On a GPU one check after the other, in the registry's order (the proxy's timings must not
+        # share the device): consecutive worker checks share one worker process.
+        group: list[str] = []
+        for name in wanted + [None]:
+            if name is not None and REGISTRY[name].where == "worker":
+                group.append(name)
+                continue
+            if group:
+                run_worker_group(group, ctx, on_result, report["environment"])
+                group = []
+            if name is not None:
+                run_parent_check(name)
     if args.keep_tmp:
         report["tmp"] = ctx.tmp  # the recipe runs, worker logs and results
     else:
@@ -1217,6 +1288,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="gpu_selftest.json", help="JSON report (default ./gpu_selftest.json)")
     p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], help="comma-separated checks to run")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary folder (recipe runs, worker logs)")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET_S, metavar="SECONDS",
+                   help=f"GPU run: start no check after this many seconds (default {DEFAULT_BUDGET_S}: one 10-minute "
+                        "command, with margin)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--results", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)

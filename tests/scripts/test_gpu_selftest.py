@@ -11,7 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_selftest.py"
-CHECKS = ["imports", "lse_attention", "basic_losses", "recipe", "proxy", "config_rejections"]
+CHECKS = ["imports", "lse_attention", "basic_losses", "config_rejections", "recipe", "proxy"]
+
+pytestmark = pytest.mark.gpu_path
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,13 @@ def test_cpu_mode_report(cpu_run):
     failed = [c["name"] for c in report["checks"] if c["status"] == "FAIL"]
     assert proc.returncode == report["exit_code"] == (1 if failed else 0)
     assert report["counts"] == {s: sum(c["status"] == s for c in report["checks"]) for s in ("PASS", "FAIL", "SKIP")}
+
+    # the versions come first, before any check line
+    lines = proc.stdout.splitlines()
+    first_check = next(i for i, line in enumerate(lines) if line.startswith(("PASS", "FAIL", "SKIP")))
+    versions = [i for i, line in enumerate(lines) if line.startswith("versions: torch ")]
+    assert versions and versions[0] < first_check
+    assert f"megatron_core {report['environment']['versions']['megatron_core']}" in lines[versions[0]]
 
     env = report["environment"]
     assert env["versions"]["torch"] and env["versions"]["megatron_core"] and env["versions"]["nemo"]
@@ -89,3 +98,60 @@ def test_cpu_mode_numbers(cpu_run):
     proxy = by_name["proxy"]
     assert proxy["sizes"]["hidden"] == 256 and proxy["sizes"]["layers"] == 2
     assert set(proxy["sync_ops"]) == {"on", "off"} and all(v > 0 for v in proxy["step_ms_median"].values())
+
+
+def _fake_registry(selftest, monkeypatch, seconds: dict):
+    """The real orchestration (GPU mode) over stand-in checks that only record when they ran."""
+    import types
+
+    ran = []
+
+    def fake_worker_group(names, ctx, on_result, environment):
+        ran.append(("worker", list(names)))
+        for n in names:
+            selftest._DEADLINE[0] -= seconds.get(n, 0)  # as if the check took this long
+            on_result(dict(selftest.skipped(n, ""), status="PASS", summary="ran"))
+
+    def fake_run_check(c, ctx):
+        ran.append(("parent", c.name))
+        selftest._DEADLINE[0] -= seconds.get(c.name, 0)
+        return dict(selftest.skipped(c.name, ""), status="PASS", summary="ran")
+
+    monkeypatch.setattr(selftest, "run_worker_group", fake_worker_group)
+    monkeypatch.setattr(selftest, "run_check", fake_run_check)
+    monkeypatch.setattr(selftest, "parent_environment", lambda: {
+        "versions": dict.fromkeys(selftest.DISTRIBUTIONS), "python": "3", "platform": "p", "cpus": 1,
+        "git_commit": None, "torch_cuda": "13.0", "nvidia_smi": None, "kit": None})
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return ran
+
+
+def test_gpu_mode_runs_checks_in_order_within_the_budget(tmp_path, monkeypatch, capsys):
+    """On a GPU the checks run one after the other in the registry's order (worker checks 1-4 in
+    one worker, the recipe, then the proxy in another), and once --budget is spent the rest SKIP."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_selftest_under_test", SCRIPT)
+    selftest = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, selftest)  # its dataclasses look themselves up there
+    spec.loader.exec_module(selftest)
+    assert [c.name for c in sorted(selftest.REGISTRY.values(), key=lambda c: c.number)] == CHECKS
+
+    ran = _fake_registry(selftest, monkeypatch, {})
+    assert selftest.main(["--out", str(tmp_path / "a.json"), "--budget", "450"]) == 0
+    assert ran == [("worker", CHECKS[:4]), ("parent", "recipe"), ("worker", ["proxy"])]
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["budget_s"] == 450 and [c["status"] for c in report["checks"]] == ["PASS"] * 6
+
+    # the first four checks spend the budget: the recipe (needs >= 60 s) is skipped by name
+    ran = _fake_registry(selftest, monkeypatch, {"basic_losses": 420})
+    selftest._DEADLINE[0] = float("inf")
+    assert selftest.main(["--out", str(tmp_path / "b.json"), "--budget", "450"]) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    status = {c["name"]: (c["status"], c.get("reason")) for c in report["checks"]}
+    assert status["recipe"] == ("SKIP", "out of the 450 s budget") and ("parent", "recipe") not in ran
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("nemo_basic GPU self-test (gpu mode, budget 450 s)")
+    assert out.splitlines()[1].startswith("python 3 on p") and out.splitlines()[2].startswith("versions: torch None")
