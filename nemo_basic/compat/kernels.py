@@ -16,7 +16,7 @@ air-gapped node) a flag that is on fails, one after the other:
   (apex); TE's linear layers fuse it themselves.
 - `bias_activation_fusion`, `bias_dropout_fusion`, `cross_entropy_loss_fusion`: Megatron's own
   functions, `torch.compile`d (`megatron/core/jit.py`): on CUDA that is Triton, which builds its
-  kernel launcher with the machine's C compiler at the first call.
+  kernel launcher with the machine's C compiler and Python headers at the first call.
 
 So each flag is keyed on what is importable, not on whether CUDA is present. Without CUDA (the
 CPU backend) every fusion is off.
@@ -27,6 +27,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import sysconfig
 
 import torch
 
@@ -63,9 +64,12 @@ def have_transformer_engine() -> bool:
 
 
 def torch_compile_can_build() -> bool:
-    """Triton is installed and a C compiler is on PATH (what `torch.compile` needs on CUDA)."""
+    """Triton is installed, and a C compiler and Python's headers are there: Triton builds its
+    kernel launcher (a C extension) on the first compiled call, which is what `torch.compile`
+    needs on CUDA."""
     compilers = (os.environ.get("CC"), "cc", "gcc", "clang")
-    return importable("triton") and any(shutil.which(c) for c in compilers if c)
+    headers = os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+    return importable("triton") and headers and any(shutil.which(c) for c in compilers if c)
 
 
 def fusion_flags(gpu_backend: bool, transformer_engine: bool, torch_compile: bool) -> dict[str, bool]:

@@ -55,15 +55,22 @@ def test_one_apex_kernel_missing_keeps_its_flag_off(monkeypatch):
     assert got["masked_softmax_fusion"] is False and got["gradient_accumulation_fusion"] is True
 
 
-def test_torch_compile_needs_triton_and_a_compiler(monkeypatch, tmp_path):
+def test_torch_compile_needs_triton_a_compiler_and_python_headers(monkeypatch, tmp_path):
+    include = tmp_path / "include"
+    include.mkdir()
+    monkeypatch.setattr(kernels.sysconfig, "get_paths", lambda: {"include": str(include)})
     monkeypatch.setattr(kernels, "importable", lambda name: name == "triton")
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on PATH
     monkeypatch.delenv("CC", raising=False)
+    (include / "Python.h").write_text("")
     assert kernels.torch_compile_can_build() is False
     cc = tmp_path / "cc"
     cc.write_text("#!/bin/sh\n")
     cc.chmod(0o755)
     assert kernels.torch_compile_can_build() is True
+    (include / "Python.h").unlink()  # an interpreter without its development headers
+    assert kernels.torch_compile_can_build() is False
+    (include / "Python.h").write_text("")
     monkeypatch.setattr(kernels, "importable", lambda name: False)  # no Triton
     assert kernels.torch_compile_can_build() is False
 
