@@ -32,16 +32,20 @@ _CPU_FRIENDLY = dict(
 
 
 def _language_fusions() -> dict:
-    """On a GPU, the LLM's kernel fusions that this machine's kernels allow (as a paper config gets
-    them there, nemo_basic.compat.kernels), so the GPU self-test's tiny runs train with them; on
-    the CPU backend, the flags above."""
+    """On a GPU, the LLM's kernel fusions that this machine's kernels allow (nemo_basic.compat.kernels),
+    so the GPU self-test's tiny runs train with them; on the CPU backend, the flags above."""
     if compat.cpu_backend_needed():
         return dict(_CPU_FRIENDLY, apply_rope_fusion=False)
-    from nemo_basic.compat.kernels import available_fusions
+    from nemo_basic.compat import kernels
 
+    # What the local spec accepts (the self-test builds this model with the local spec, and with the
+    # TE spec where TE imports), plus TE's rope kernel, which both specs call where it imports.
+    flags = kernels.fusion_flags(gpu_backend=True, transformer_engine=False,
+                                 torch_compile=kernels.torch_compile_can_build())
     # gradient-accumulation fusion writes into Megatron DDP's `main_grad`, which the test-suite's
     # and the self-test's plain forward/backward calls do not create
-    return dict(_CPU_FRIENDLY, **dict(available_fusions(), gradient_accumulation_fusion=False))
+    flags.update(apply_rope_fusion=kernels.have_transformer_engine(), gradient_accumulation_fusion=False)
+    return dict(_CPU_FRIENDLY, **flags)
 
 
 def tiny_language_config(num_layers: int = 4, init_method_std: float = 0.02) -> llm.GPTConfig:
