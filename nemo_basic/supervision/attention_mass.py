@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_basic.supervision.layout import RowLayout
+from nemo_basic.supervision.losses import matmul_fp32_out
 
 DEGREE_MODES: tuple[str, ...] = ("attention", "equal")
 
@@ -33,26 +34,47 @@ def _rows_per_chunk(heads: int, cols: int, chunk_rows: int | None) -> int:
     return max(1, _CHUNK_BYTES // (4 * heads * max(cols, 1)))
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _operand(x: torch.Tensor) -> torch.Tensor:
+    """The dtype the score GEMMs take: 16-bit stays 16-bit (multiplied with fp32 output, as the
+    flash kernel that produced the lse multiplies it), anything else becomes fp32 (as before)."""
+    return x if x.dtype in _LOW_PRECISION else x.float()
+
+
 def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scaled scores of query heads against their shared (grouped-query) key heads.
+    """Scaled fp32 scores of query heads against their shared (grouped-query) key heads.
 
     q: [B, H, r, D], k: [B, Hkv, c, D] -> [B, H, r, c]. Query head h reads key head h // (H / Hkv):
     viewing q as [B, Hkv, H/Hkv, r, D] puts head h at (h // G, h % G), so a broadcast matmul pairs
     them without copying k G times.
+
+    16-bit q and k (bf16 / fp16 training) go to one batched 16-bit GEMM with fp32 output
+    (`matmul_fp32_out`: ``bmm(out_dtype=float32)`` on CUDA, its exact emulation elsewhere): the G
+    query heads of a key head are stacked as rows, [B·Hkv, G·r, D] × [B·Hkv, D, c]. That is the
+    flash kernel's arithmetic (16-bit products, fp32 sums, the scale applied in fp32), so
+    exp(score − lse) is consistent with the lse it returned, and no fp32 copy of q or k is made.
     """
     batch, heads, rows, dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, cols = k.shape[1], k.shape[2]
+    if q.dtype in _LOW_PRECISION and k.dtype == q.dtype:
+        group = heads // kv_heads
+        scores = matmul_fp32_out(q.reshape(batch * kv_heads, group * rows, dim),
+                                 k.reshape(batch * kv_heads, cols, dim).transpose(1, 2))
+        return scores.view(batch, heads, rows, cols).mul_(scale)
     scores = torch.matmul(q.reshape(batch, kv_heads, heads // kv_heads, rows, dim), k.unsqueeze(2).transpose(-1, -2))
-    return scores.view(batch, heads, rows, k.shape[2]).mul_(scale)
+    return scores.view(batch, heads, rows, cols).mul_(scale)
 
 
 def _rows(x: torch.Tensor, layout: RowLayout, rows: str) -> torch.Tensor:
-    """The image or text rows of [B, H, S, D] as fp32 [B, H, W, D].
+    """The image or text rows of [B, H, S, D] as [B, H, W, D] in the GEMM's dtype (`_operand`).
 
     Megatron hands attention its tensors as [S, B, H, D]; the [B, H, S, D] argument is a permuted
     view of that memory, so going back to [S, B, H, D] is free and the gather reads only the
-    wanted rows (no copy of the whole tensor)."""
-    return layout.gather(x.permute(2, 0, 1, 3), rows).float().transpose(1, 2)
+    wanted rows (no copy of the whole tensor). Made contiguous once here, so the per-chunk GEMMs
+    take [B·H, W, D] views of it without copying it again."""
+    return _operand(layout.gather(x.permute(2, 0, 1, 3), rows)).transpose(1, 2).contiguous()
 
 
 def _text_rows_lse(q_text: torch.Tensor, key: torch.Tensor, layout: RowLayout, scale: float,
@@ -63,7 +85,7 @@ def _text_rows_lse(q_text: torch.Tensor, key: torch.Tensor, layout: RowLayout, s
     all keys, so at most [B, H, chunk, S] scores live at once.
     """
     batch, heads, width, _ = q_text.shape
-    keys = key.float()
+    keys = _operand(key).contiguous()  # once: each chunk's GEMM then views it
     key_pos = torch.arange(keys.shape[2], device=key.device)
     step = _rows_per_chunk(batch * heads, keys.shape[2], chunk_rows)
     out = []

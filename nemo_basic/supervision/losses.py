@@ -76,24 +76,41 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | N
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_MM_OUT_DTYPE: dict = {}  # device type -> whether torch.mm(..., out_dtype=torch.float32) runs there
+_OUT_DTYPE: dict = {}  # (device type, op) -> whether torch.<op>(..., out_dtype=torch.float32) runs there
 
 
-def _mm_out_dtype_supported(device: torch.device) -> bool:
-    """torch.mm with 16-bit inputs and an fp32 result (cuBLAS accumulates in fp32 anyway); CUDA
-    builds of torch >= 2.8 have it, CPU builds do not. Probed once per device type."""
-    if device.type not in _MM_OUT_DTYPE:
+def _out_dtype_supported(device: torch.device, op: str = "mm") -> bool:
+    """torch.mm / torch.bmm with 16-bit inputs and an fp32 result (cuBLAS accumulates in fp32
+    anyway); CUDA builds of torch >= 2.8 have them, CPU builds do not. Probed once per device type
+    and op (no synchronisation: only the dtype of the result is looked at)."""
+    key = (device.type, op)
+    if key not in _OUT_DTYPE:
         try:
-            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-            _MM_OUT_DTYPE[device.type] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            a = torch.ones(*((2, 2) if op == "mm" else (1, 2, 2)), dtype=torch.bfloat16, device=device)
+            _OUT_DTYPE[key] = getattr(torch, op)(a, a, out_dtype=torch.float32).dtype == torch.float32
         except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE[device.type] = False
-    return _MM_OUT_DTYPE[device.type]
+            _OUT_DTYPE[key] = False
+    return _OUT_DTYPE[key]
+
+
+def matmul_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D: mm, 3-D: bmm) of two 16-bit operands with an fp32 result.
+
+    On CUDA this is one 16-bit tensor-core GEMM writing fp32 (``out_dtype``), no fp32 copy of
+    either operand. Where ``out_dtype`` is missing (CPU builds) the same arithmetic is emulated:
+    a product of two 16-bit numbers is exact in fp32, so upcasting the operands and multiplying in
+    fp32 gives what the 16-bit GEMM with fp32 accumulation gives (up to the order of the sums).
+    Keeping both paths on the same operands is what lets the CPU tests vouch for the GPU's numbers.
+    """
+    op = "mm" if a.dim() == 2 else "bmm"
+    if _out_dtype_supported(a.device, op):
+        return getattr(torch, op)(a, b, out_dtype=torch.float32)
+    return getattr(torch, op)(a.float(), b.float())
 
 
 def _split(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """fp32 x → [hi, lo] in a 16-bit dtype with hi + lo = x to ~16 mantissa bits (x already in
-    that dtype: [x])."""
+    that dtype: [x], exact)."""
     if x.dtype == dtype:
         return [x]
     hi = x.to(dtype)
@@ -103,21 +120,15 @@ def _split(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
 def _products(parts: list[list[torch.Tensor]], table: torch.Tensor, transpose: bool) -> list[torch.Tensor]:
     """Σ of each group of parts times the table (`@ table.T` or `@ table`), in fp32, as ONE GEMM.
 
-    For a 16-bit table (the model's own bf16 weights: no fp32 copy of E per micro-batch) every
-    operand comes split into 16-bit hi + lo parts, so the products keep ~16 mantissa bits of the
-    fp32 operands — about what an fp32 GEMM gives — at tensor-core speed. For an fp32/fp64 table
-    the groups hold one part each and this is a plain matmul."""
+    For a 16-bit table (the model's own bf16 weights: no fp32 copy of E per micro-batch) the parts
+    are 16-bit and the GEMM writes fp32 (:func:`matmul_fp32_out`); a group of several parts (an
+    fp32 operand split into hi + lo) costs one product per part. For an fp32/fp64 table the groups
+    hold one part each and this is a plain matmul."""
     sizes = [len(group) for group in parts]
     rows = [p.shape[0] for group in parts for p in group]
     stacked = torch.cat([p for group in parts for p in group])
     other = table.T if transpose else table
-    if table.dtype in _LOW_PRECISION:
-        if _mm_out_dtype_supported(stacked.device):
-            z = torch.mm(stacked, other, out_dtype=torch.float32)
-        else:  # same arithmetic (16-bit operands, fp32 products and sums) where mm.dtype is absent
-            z = stacked.float() @ other.float()
-    else:
-        z = stacked @ other
+    z = matmul_fp32_out(stacked, other) if table.dtype in _LOW_PRECISION else stacked @ other
     pieces, out, i = z.split(rows), [], 0
     for n in sizes:
         total = pieces[i]
@@ -166,11 +177,24 @@ class _ChunkedVocabParallelKL(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = _compute_dtype(x.dtype)
         rows = x.shape[0]
-        # A 16-bit table (bf16 training) is used as it is, through hi/lo-split 16-bit GEMMs with
-        # fp32 results (`_products`); otherwise the compute dtype (fp32 / fp64, no copy).
+        # A 16-bit table (bf16 training) is used as it is, through 16-bit GEMMs with fp32 results
+        # (`_products`); otherwise the compute dtype (fp32 / fp64, no copy). The three products
+        # are the floor (logits of V, logit difference, gradient), one 16-bit operand each:
+        #   x       as it is when already 16-bit (V in bf16 training: exact); an fp32 x is split
+        #           into hi + lo (rounding it would move both distributions by ~u of the logits
+        #           themselves, not of their difference: one extra product, 4/3 of the floor);
+        #   t − x   formed in fp32, then rounded once to 16 bits: the logit difference δ keeps a
+        #           relative error ≤ u (bf16: u = 2^-8) per component of V̂ − V, however close V
+        #           is to its target, so the KL is computed from δ with a relative error of that
+        #           order at every scale (it is a smooth function of δ, quadratic near 0);
+        #   q − p   rounded once to 16 bits: the gradient then has ~u relative error, what bf16
+        #           itself gives it when it is handed back in V's dtype.
         lowp = embedding.dtype in _LOW_PRECISION and dtype == torch.float32
         table = embedding.detach() if lowp else embedding.detach().to(dtype)
-        operand = (lambda y: _split(y, table.dtype)) if lowp else (lambda y: [y.to(dtype)])
+        if lowp:
+            operands = (lambda y: _split(y, table.dtype), lambda y: [y.to(table.dtype)])
+        else:
+            operands = (lambda y: [y.to(dtype)], lambda y: [y])
         # needs_input_grad stays True under torch.no_grad(), so the caller says whether a backward
         # can follow; without one (evaluation) the (q − p) E matmul is skipped.
         need_grad = with_grad and ctx.needs_input_grad[0]
@@ -186,7 +210,7 @@ class _ChunkedVocabParallelKL(torch.autograd.Function):
             # GEMM runs faster than two): z[:c] → Q, z[c:] = δ, [2c, N_local]. δ taken from
             # V̂ − V directly keeps its full relative precision when V is close to its target.
             xc = x[start:stop]
-            logits, delta = _products([operand(xc), operand(t[start:stop].to(dtype) - xc.to(dtype))],
+            logits, delta = _products([operands[0](xc), operands[1](t[start:stop].to(dtype) - xc.to(dtype))],
                                       table, transpose=True)
             # Global row maxima over all vocab shards (a shard may hold no real token: -inf):
             # of the logits (softmax shift) and of δ (bounds the shift below), in one collective.
@@ -209,7 +233,7 @@ class _ChunkedVocabParallelKL(torch.autograd.Function):
             expect_delta[start:stop] = torch.bmm(p.unsqueeze(1), delta.unsqueeze(2)).view(-1)
             moments[start:stop] = moment
             if grad_x is not None:
-                grad_x[start:stop] = _products([operand(q.sub_(p))], table, transpose=False)[0]  # (q − p) E
+                grad_x[start:stop] = _products([operands[1](q.sub_(p))], table, transpose=False)[0]  # (q − p) E
             del logits, delta, q, p, tilt
         # No rows (no supervised patch anywhere): skip the collectives; by contract every rank of
         # the group has the same rows, so all of them skip together.
@@ -246,8 +270,11 @@ def semantic_distribution_loss(
     """L_sds of eq. 7: Σ_i a_i KL(p_i ‖ q_i) per sample, P = softmax(V̂ Eᵀ), Q = softmax(V Eᵀ).
 
     No temperature. Never materialises the whole [B·m, N] logits: rows are chunked. A bf16/fp16
-    embedding is multiplied as it is (16-bit GEMMs on hi/lo-split operands, fp32 results and
-    fp32 softmax/KL arithmetic), so no fp32 copy of E is made.
+    embedding is multiplied as it is (16-bit GEMMs with fp32 results, fp32 softmax/KL arithmetic),
+    so no fp32 copy of E is made; with a 16-bit V (bf16 training) that is exactly three
+    [B·m × d × N] products, the floor. Precision then is that of bf16 training: the logit
+    difference (V̂ − V)Eᵀ and the gradient carry a relative error of order bf16's unit roundoff
+    (2^-8), at every size of the KL (see `_ChunkedVocabParallelKL.forward`).
 
     Args:
         v: ``[B, m, d]`` initial visual embeddings (gets the gradient, returned in v's dtype).

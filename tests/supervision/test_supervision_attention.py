@@ -12,6 +12,7 @@ from nemo_basic.supervision import supervision_degree, text_to_image_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned ranks import the worker module
 import _supervision_workers as workers  # noqa: E402
+from _gemms import GemmRecorder, cuda_gemm_path  # noqa: E402
 
 # One character per position: T text, I image, P padding (neither).
 LAYOUTS = [
@@ -110,6 +111,30 @@ def test_mass_bf16_inputs() -> None:
     out = text_to_image_attention(q, k, text, image)
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
     torch.testing.assert_close(out.double(), reference_mass(q, k, text, image), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("use_lse", [True, False])
+def test_mass_16bit_inputs_use_16bit_score_gemms(dtype, use_lse) -> None:
+    """16-bit q and k are multiplied as they are, with fp32 output (CUDA: bmm(out_dtype=float32);
+    the flash kernel that returned the lse multiplies them so), not upcast to fp32 first: every
+    score GEMM of the CUDA branch takes 16-bit operands and writes fp32. Its numbers are the CPU
+    emulation's, and both are within the bf16-input bound above of float64 on the same values."""
+    text, image = masks_from_layouts(LAYOUTS)
+    q, k = make_qk(len(LAYOUTS), 8, 2, text.shape[1], 16, seed=13, dtype=dtype)
+    lse = fused_lse(q.float(), k.float(), 1 / math.sqrt(16)) if use_lse else None
+    expected = reference_mass(q, k, text, image)
+    with GemmRecorder() as cpu_gemms:
+        out = text_to_image_attention(q, k, text, image, lse=lse, chunk_rows=4)
+    with cuda_gemm_path() as gemms:
+        cuda_out = text_to_image_attention(q, k, text, image, lse=lse, chunk_rows=4)
+    assert gemms.gemms and all(g.op == "aten.bmm.dtype" and g.a_dtype == g.b_dtype == dtype
+                               and g.out_dtype == torch.float32 for g in gemms.gemms), gemms.gemms
+    # The emulation multiplies the same 16-bit values, upcast (exact), with the same FLOPs.
+    assert [g.flops for g in cpu_gemms.gemms] == [g.flops for g in gemms.gemms]
+    assert torch.equal(cuda_out, out)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    assert bool((out[~image] == 0).all())
 
 
 def test_mass_rejects_bad_inputs() -> None:
