@@ -64,6 +64,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    # nemo_basic only: research/ (the A/B study), tests/, scripts/ and examples/ are not shipped
     packages=find_packages(include=["nemo_basic", "nemo_basic.*"]),
     install_requires=CORE,
     extras_require={"nemo": NEMO, "dev": DEV},

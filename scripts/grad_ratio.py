@@ -32,7 +32,7 @@ How the three gradients are separated (one forward per sample, BASIC on with bot
     Relative differences reported (bf16 gradients: ~1e-2 is rounding).
 
 Settings
-  (1) small, real weights: the study's model (nemo_basic.study.engine: SmolLM2-135M, 30 layers,
+  (1) small, real weights: the study's model (research/study/engine.py: SmolLM2-135M, 30 layers,
       d = 576, vocab 49152, + DINOv2-small at 224 px, 256 patches, k = 15, bf16), embedded
       synthetic scenes with their captions (plain template, as stage 1). Measured at a fresh
       seeded projector (the start of stage 1) and after stage-1 training with BASIC on; and once
@@ -65,6 +65,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "research"))  # the A/B study's package `study` (not installed)
 
 PAPER_BATCH = 256
 QUICK = False  # --quick: the BASIC-off forward check is skipped
@@ -200,7 +201,7 @@ def small_samples(built, n: int, seed: int) -> list:
 
 def small_measure(built, samples, label: str) -> dict:
     from nemo_basic.models.basic_config import BasicConfig
-    from nemo_basic.study import engine as E
+    from study import engine as E
 
     modes = {"on": BasicConfig(), "off": BasicConfig(enabled=False)}
     params = E.trainable(built, 1)  # the projector only, as in stage 1
@@ -251,7 +252,7 @@ def megatron_random_init(module: torch.nn.Module, std: float, num_layers: int, s
 
 def run_small(args) -> list:
     from nemo_basic.models.basic_config import BasicConfig
-    from nemo_basic.study import engine as E
+    from study import engine as E
 
     t = time.perf_counter()
     built = E.build(image_size=224, seq_length=320, dtype=torch.bfloat16)

@@ -305,15 +305,15 @@ def fp8_sequence_padding(rank, world) -> dict:
 
 
 def study_arm_switch(rank, world) -> dict:
-    """nemo_basic.study.engine.set_basic on ONE model built with BASIC on (as the study builds it)
+    """study.engine.set_basic on ONE model built with BASIC on (as the study builds it)
     against a fresh model built with each arm's settings, same weights and batch: the LM loss,
     every gradient and the logged BASIC losses."""
     from types import SimpleNamespace
 
     from megatron.core import parallel_state as ps
 
-    from nemo_basic.study import engine as E
-    from nemo_basic.study.protocol import arm_basic
+    from study import engine as E
+    from study.protocol import arm_basic
 
     def step(model):
         for p in model.parameters():

@@ -175,7 +175,7 @@ def test_host_syncs_per_micro_batch_are_a_small_constant(spawn):
 
 
 def test_study_arm_switch_equals_a_model_built_per_arm(spawn):
-    """The A/B study builds one model (BASIC on) and switches arms on it (nemo_basic.study.engine):
+    """The A/B study builds one model (BASIC on) and switches arms on it (study.engine):
     each arm must train exactly as a model built with that arm's settings; 'llava' exactly as BASIC off."""
     (r,) = spawn(W.study_arm_switch, 1)
     for arm, res in r.items():

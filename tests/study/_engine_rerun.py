@@ -3,14 +3,18 @@ must train exactly as the first time (reset restores the LLM, redraws the projec
 has a fresh optimizer). Own process: it builds the recipe's model (NeMo, parallel state)."""
 import dataclasses
 import json
+import os
 import sys
 
 import torch
 
-from nemo_basic.data.datamodule import SampleEncoder
-from nemo_basic.study import engine as E
-from nemo_basic.study.data import StudyData
-from nemo_basic.study.protocol import PRESETS, arm_basic
+# the study's package `study` lives in research/ (not installed); this driver runs as a script
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "research"))
+
+from nemo_basic.data.datamodule import SampleEncoder  # noqa: E402
+from study import engine as E  # noqa: E402
+from study.data import StudyData  # noqa: E402
+from study.protocol import PRESETS, arm_basic  # noqa: E402
 
 p = dataclasses.replace(PRESETS["quick"], image_size=112, seq_length=160, batch_size=2, train_scenes=8,
                         eval_scenes=2, lens_scenes=1, pictures=1).validate()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from nemo_basic.data import embedded as D
-from nemo_basic.study import data as SD
-from nemo_basic.study.evaluate import key_answer, normalise
-from nemo_basic.study.protocol import ARMS, PRESETS, arm_basic
+from study import data as SD
+from study.evaluate import key_answer, normalise
+from study.protocol import ARMS, PRESETS, arm_basic
 
 
 def test_arms_are_the_papers_table4_settings():
@@ -20,7 +20,7 @@ def test_arms_are_the_papers_table4_settings():
     assert arm_basic("const").weighting == "const" and arm_basic("dec").weighting == "dec"
     assert arm_basic("equal").degree == "equal"
     assert arm_basic("lambda_sds_0.1").lambda_sds == 0.1
-    from nemo_basic.study.protocol import NOISE_ARMS
+    from study.protocol import NOISE_ARMS
 
     assert set(ARMS) - set(NOISE_ARMS) <= set(PRESETS["ablations"].arms)
     with pytest.raises(ValueError, match="unknown arm 'bogus'"):
@@ -101,7 +101,7 @@ def test_a_results_folder_takes_runs_of_equal_settings_only(tmp_path):
     name and arms); a folder written under other settings is refused, naming the setting."""
     import json
 
-    from nemo_basic.study.run import check_protocol
+    from study.run import check_protocol
 
     full, ablations = PRESETS["full"], PRESETS["ablations"]
     (tmp_path / "protocol.json").write_text(json.dumps(dict(full.to_dict(), measured={"k": 15})))
@@ -116,7 +116,7 @@ def test_noise_arms_equal_llava_in_exact_arithmetic():
     """The noise floor's arms: null runs BASIC's capture and losses at a weight whose gradient is far
     below float32 resolution; llava_jitter is llava with a perturbed initial draw. The noise preset
     runs under the full preset's settings, so the full preset's llava runs are its baseline."""
-    from nemo_basic.study.protocol import NOISE_ARMS, arm_init_jitter
+    from study.protocol import NOISE_ARMS, arm_init_jitter
 
     null = arm_basic("null")
     assert null.active and (null.das, null.sds, null.weighting, null.degree) == (True, True, "inc", "attention")
@@ -133,7 +133,7 @@ def test_noise_arms_equal_llava_in_exact_arithmetic():
 def test_init_jitter_moves_some_weights_one_bf16_step():
     import torch
 
-    from nemo_basic.study.engine import jitter_
+    from study.engine import jitter_
 
     w = torch.empty(100_000).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
     z = torch.empty(100_000).normal_(0.0, 1.0, generator=torch.Generator().manual_seed(7))

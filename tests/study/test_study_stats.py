@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from nemo_basic.study import stats as S
-from nemo_basic.study.report import significance_statement, write_report
+from study import stats as S
+from study.report import significance_statement, write_report
 
 
 # ---- paired_comparison ---------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_item_level_statement_says_which_way():
 def test_noise_floor_and_per_seed_differences():
     """The noise floor is the largest same-seed |diff| of the noise arms; each other arm counts the
     seeds beyond it. Values set by hand here, so the expected numbers are arithmetic on them."""
-    from nemo_basic.study.report import _seed_diffs_md, noise_floor
+    from study.report import _seed_diffs_md, noise_floor
 
     rng = np.random.default_rng(9)
     ce = {("llava", 0): 2.0, ("llava", 1): 2.5, ("llava", 2): 1.8,
@@ -281,7 +281,7 @@ def test_noise_floor_and_per_seed_differences():
 def test_noise_floor_from_another_folder(tmp_path):
     """The ablations' report takes its floor from the noise preset's folder, whose llava runs must be
     the same runs; a different llava run is refused with both file names."""
-    from nemo_basic.study.report import main as report_main
+    from study.report import main as report_main
 
     rng = np.random.default_rng(11)
     ce = {"abl": {("llava", 0): 2.0, ("llava", 1): 2.5, ("sds_only", 0): 3.3, ("sds_only", 1): 2.6},
@@ -305,5 +305,5 @@ def test_noise_floor_from_another_folder(tmp_path):
     r["metrics"]["stage1"]["caption_ce"] += 1e-9
     json.dump(r, open(tmp_path / "noise" / "runs" / "llava-seed1.json", "w"))
     with pytest.raises(ValueError, match=r"llava-seed1.json is not the llava run of seed 1 .*runs/llava-seed1.json"):
-        from nemo_basic.study.report import write_report as wr
+        from study.report import write_report as wr
         wr(str(tmp_path / "abl"), str(tmp_path / "noise"))

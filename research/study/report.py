@@ -1,11 +1,12 @@
 """The A/B study's report: OUT/protocol.json + OUT/runs/*.json -> OUT/report.md, OUT/figures/*.png
-and OUT/stats.json (the full :func:`nemo_basic.study.stats.summarize` output, for re-use).
+and OUT/stats.json (the full :func:`study.stats.summarize` output, for re-use).
 
 Every arm is shown in every table (never only the best), runs that the protocol asked for but
 that are absent are listed as missing, and the significance sentence is generated from the
 numbers, so the text cannot claim more than the tests give.
 
-CLI: ``python -m nemo_basic.study.report OUT [--noise NOISE_OUT]``. Plain Python + numpy/scipy/matplotlib.
+CLI, from the repository root: ``PYTHONPATH=research python -m study.report OUT [--noise NOISE_OUT]``.
+Plain Python + numpy/scipy/matplotlib.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nemo_basic.study import stats as S
-from nemo_basic.study.protocol import NOISE_ARMS
+from study import stats as S
+from study.protocol import NOISE_ARMS
 
 CURVE_KEYS = ("lm", "das", "sds")
 STAGES = ("stage1", "stage2")
@@ -420,7 +421,7 @@ def write_report(out_dir: str, noise_dir: Optional[str] = None) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m nemo_basic.study.report",
+    ap = argparse.ArgumentParser(prog="python -m study.report",
                                  description="Write OUT/report.md, OUT/stats.json and OUT/figures from OUT's runs.")
     ap.add_argument("out", help="results folder")
     ap.add_argument("--noise", default=None, help="a results folder of the noise preset over the same llava runs: "

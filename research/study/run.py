@@ -11,7 +11,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from nemo_basic.study.protocol import PRESETS, Protocol, arm_basic, arm_init_jitter
+from study.protocol import PRESETS, Protocol, arm_basic, arm_init_jitter
 
 
 def say(msg: str) -> None:
@@ -45,9 +45,9 @@ def run_study(protocol: Protocol, out: str, report: bool = True) -> str:
     import torch
 
     from nemo_basic.data.datamodule import SampleEncoder
-    from nemo_basic.study import engine as E
-    from nemo_basic.study.data import StudyData
-    from nemo_basic.study.evaluate import Evaluator
+    from study import engine as E
+    from study.data import StudyData
+    from study.evaluate import Evaluator
 
     protocol.validate()
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
@@ -116,7 +116,7 @@ def run_study(protocol: Protocol, out: str, report: bool = True) -> str:
     say(f"all runs done in {(time.time() - t0) / 60:.1f} min")
     if not report:
         return out
-    from nemo_basic.study.report import write_report
+    from study.report import write_report
 
     path = write_report(out)
     say(f"report: {path}")
@@ -146,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     out = args.out or os.path.join("ab_study", name)
     if args.report_only:
-        from nemo_basic.study.report import main as report_main
+        from study.report import main as report_main
 
         return report_main([out])
     run_study(protocol, out)
