@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_basic.supervision.layout import RowLayout
-from nemo_basic.supervision.losses import matmul_fp32_out
+from nemo_basic.supervision.losses import _out_dtype_supported, matmul_fp32_out
 
 DEGREE_MODES: tuple[str, ...] = ("attention", "equal")
 
@@ -38,9 +38,13 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _operand(x: torch.Tensor) -> torch.Tensor:
-    """The dtype the score GEMMs take: 16-bit stays 16-bit (multiplied with fp32 output, as the
-    flash kernel that produced the lse multiplies it), anything else becomes fp32 (as before)."""
-    return x if x.dtype in _LOW_PRECISION else x.float()
+    """The dtype the score GEMMs take: 16-bit stays 16-bit where the device multiplies it with an
+    fp32 output (CUDA: as the flash kernel that produced the lse multiplies it); anything else
+    becomes fp32, once: where ``out_dtype`` is missing (CPU builds) that upcast is exact and is
+    what `matmul_fp32_out` would do in every chunk's GEMM, so the arithmetic is the same."""
+    if x.dtype in _LOW_PRECISION and _out_dtype_supported(x.device, "bmm"):
+        return x
+    return x.float()
 
 
 def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -128,7 +128,10 @@ def _products(parts: list[list[torch.Tensor]], table: torch.Tensor, transpose: b
     rows = [p.shape[0] for group in parts for p in group]
     stacked = torch.cat([p for group in parts for p in group])
     other = table.T if transpose else table
-    z = matmul_fp32_out(stacked, other) if table.dtype in _LOW_PRECISION else stacked @ other
+    if table.dtype in _LOW_PRECISION:
+        z = matmul_fp32_out(stacked, other)
+    else:  # 16-bit parts against a table the caller upcast once (the emulation), or plain fp32/fp64
+        z = stacked.to(table.dtype) @ other
     pieces, out, i = z.split(rows), [], 0
     for n in sizes:
         total = pieces[i]
@@ -137,6 +140,15 @@ def _products(parts: list[list[torch.Tensor]], table: torch.Tensor, transpose: b
         out.append(total)
         i += n
     return out
+
+
+def _operands(lowp: bool, table_dtype: torch.dtype, dtype: torch.dtype):
+    """(parts of x, parts of t − x and of q − p): the GEMM operands of `_ChunkedVocabParallelKL`
+    (why these, in its forward). A function of its own so that scripts/bench_supervision.py can
+    put back the hi/lo-split operands of before issue 25 for its old-vs-new comparison."""
+    if lowp:
+        return (lambda y: _split(y, table_dtype)), (lambda y: [y.to(table_dtype)])
+    return (lambda y: [y.to(dtype)]), (lambda y: [y])
 
 
 def _kl_from_logit_difference(expect_delta: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
@@ -191,10 +203,11 @@ class _ChunkedVocabParallelKL(torch.autograd.Function):
         #           itself gives it when it is handed back in V's dtype.
         lowp = embedding.dtype in _LOW_PRECISION and dtype == torch.float32
         table = embedding.detach() if lowp else embedding.detach().to(dtype)
-        if lowp:
-            operands = (lambda y: _split(y, table.dtype), lambda y: [y.to(table.dtype)])
-        else:
-            operands = (lambda y: [y.to(dtype)], lambda y: [y])
+        operands = _operands(lowp, table.dtype, dtype)
+        if lowp and not _out_dtype_supported(x.device, "mm"):
+            # No mm(out_dtype) here (CPU builds): E upcast once, exactly, instead of in every GEMM
+            # call; the operands stay the same 16-bit values, so the arithmetic is the CUDA path's.
+            table = table.float()
         # needs_input_grad stays True under torch.no_grad(), so the caller says whether a backward
         # can follow; without one (evaluation) the (q − p) E matmul is skipped.
         need_grad = with_grad and ctx.needs_input_grad[0]

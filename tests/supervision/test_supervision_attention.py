@@ -130,9 +130,10 @@ def test_mass_16bit_inputs_use_16bit_score_gemms(dtype, use_lse) -> None:
         cuda_out = text_to_image_attention(q, k, text, image, lse=lse, chunk_rows=4)
     assert gemms.gemms and all(g.op == "aten.bmm.dtype" and g.a_dtype == g.b_dtype == dtype
                                and g.out_dtype == torch.float32 for g in gemms.gemms), gemms.gemms
-    # The emulation multiplies the same 16-bit values, upcast (exact), with the same FLOPs.
-    assert [g.flops for g in cpu_gemms.gemms] == [g.flops for g in gemms.gemms]
-    assert torch.equal(cuda_out, out)
+    # The CPU path multiplies the same 16-bit values, upcast once (exact), with the same FLOPs;
+    # the sums may run in another order (fp32 rounding only).
+    assert sum(g.flops for g in cpu_gemms.gemms) == sum(g.flops for g in gemms.gemms)
+    torch.testing.assert_close(cuda_out, out, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
     assert bool((out[~image] == 0).all())
 
