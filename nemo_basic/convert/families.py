@@ -229,31 +229,7 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
-# -- the NeMo config classes ---------------------------------------------------------------------
-_NEMO_CLASSES: dict = {}
-
-
-def nemo_config_class(family: Family, llama3: bool = False):
-    """Our subclass of NeMo's config for ``family``: NeMo's fields and ``configure_model`` plus the
-    Hugging Face facts (unpadded vocabulary, model type, sliding window) and :func:`finish_gpt_model`."""
-    import nemo_basic.compat as compat
-
-    compat.apply_nemo()
-    from nemo.collections import llm
-    from nemo.collections.llm.gpt.model.llama import Llama31Config
-
-    base_name = "Llama31Config" if llama3 else family.nemo_config
-    key = (family.name, base_name)
-    if key in _NEMO_CLASSES:
-        return _NEMO_CLASSES[key]
-    from nemo_basic.convert import nemo_configs
-
-    cls = getattr(nemo_configs, f"HF{family.name.capitalize()}{'Llama3' if llama3 else ''}Config")
-    assert issubclass(cls, Llama31Config if llama3 else getattr(llm, base_name)), (cls, base_name)
-    _NEMO_CLASSES[key] = cls
-    return cls
-
-
+# -- what a Megatron config cannot say: finish_gpt_model (called by nemo_configs and megatron) --
 def local_norms_zero_centered(config: Any) -> bool:
     """Gemma on Megatron's local spec: ``WrappedTorchNorm`` rejects ``layernorm_zero_centered_gamma``,
     so the model is built without it and :func:`finish_gpt_model` makes its norms compute (1 + w).
@@ -286,7 +262,7 @@ def finish_gpt_model(model: torch.nn.Module, config: Any, zero_centered_local: b
     * Phi-3 LongRoPE: the rotary embedding's frequencies switch between the short and long factor
       sets with the sequence length, as HF's (:class:`LongRopeSwitch`);
     * a padded vocabulary: the padding logits are masked out of the LM softmax
-      (``nemo_basic.models.lm_loss``)."""
+      (:mod:`nemo_basic.convert.padded_vocab`)."""
     family = family_of_config(config)
     if zero_centered_local:
         for m in model.modules():
@@ -301,7 +277,7 @@ def finish_gpt_model(model: torch.nn.Module, config: Any, zero_centered_local: b
         switch = LongRopeSwitch(model.rotary_pos_emb.inv_freq, **config.rope_longrope)
         model.rotary_pos_emb.inv_freq = switch.short
         model.rotary_pos_emb.register_forward_pre_hook(switch, with_kwargs=True)
-    from nemo_basic.models.lm_loss import install_padded_vocab_mask
+    from nemo_basic.convert.padded_vocab import install_padded_vocab_mask
 
     install_padded_vocab_mask(model, getattr(config, "hf_vocab_size", None))
     return model

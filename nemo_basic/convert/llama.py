@@ -157,7 +157,8 @@ def hf_llama_config_to_nemo(hf_config: Any, **overrides: Any):
     compat.apply_nemo()
     from nemo.collections import llm
 
-    from nemo_basic.convert.families import family_of_model_type, nemo_config_class
+    from nemo_basic.convert.families import family_of_model_type
+    from nemo_basic.convert.nemo_configs import nemo_config_class
 
     kw = llama_config_kwargs(hf_config, **overrides)
     family = family_of_model_type(kw["hf_model_type"])

@@ -20,7 +20,7 @@ _compat.apply_nemo()
 from nemo.collections import llm  # noqa: E402
 from nemo.collections.llm.gpt.model.llama import Llama31Config  # noqa: E402
 
-from nemo_basic.convert.families import finish_gpt_model, local_norms_zero_centered  # noqa: E402
+from nemo_basic.convert.families import Family, finish_gpt_model, local_norms_zero_centered  # noqa: E402
 
 
 class _FromHF:
@@ -92,5 +92,14 @@ class HFPhi3Config(_FromHF, llm.Phi3Config):
     rope_longrope: Optional[dict] = None  # Phi-3 LongRoPE (families.longrope_fields), with softmax_scale
 
 
+def nemo_config_class(family: Family, llama3: bool = False):
+    """Our subclass of NeMo's config for ``family``: NeMo's fields and ``configure_model`` plus the
+    Hugging Face facts (unpadded vocabulary, model type, sliding window) and :func:`finish_gpt_model`."""
+    base_name = "Llama31Config" if llama3 else family.nemo_config
+    cls = globals()[f"HF{family.name.capitalize()}{'Llama3' if llama3 else ''}Config"]
+    assert issubclass(cls, Llama31Config if llama3 else getattr(llm, base_name)), (cls, base_name)
+    return cls
+
+
 __all__ = ["HFGemmaConfig", "HFLlamaConfig", "HFLlamaLlama3Config", "HFMistralConfig", "HFPhi3Config",
-           "HFQwen2Config"]
+           "HFQwen2Config", "nemo_config_class"]

@@ -1,4 +1,5 @@
-"""The LM loss over the true vocabulary when Megatron pads it.
+"""The LM loss over the true vocabulary when Megatron pads it (installed on every GPT model the
+converter's families build: :func:`nemo_basic.convert.families.finish_gpt_model`).
 
 Megatron pads the embedding and the output layer to a multiple of ``make_vocab_size_divisible_by``
 (x TP) rows. The padding rows of the output layer are zero, so their logits are 0 and enter the
