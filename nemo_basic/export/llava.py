@@ -96,6 +96,56 @@ def hf_llava_to_mcore(hf_sd: Mapping[str, torch.Tensor], config: Any, spec: str 
     return out
 
 
+# position tables of the HF vision towers: key under the tower, leading non-patch rows, whether the
+# table is [1, n, d] (else [n, d]), and the dtype transformers interpolates in (None: the table's)
+_POSITION_TABLES = {
+    "clip_vision_model": ("vision_model.embeddings.position_embedding.weight", 1, False, None),
+    "siglip_vision_model": ("vision_model.embeddings.position_embedding.weight", 0, False, None),
+    "dinov2": ("embeddings.position_embeddings", 1, True, torch.float32),
+    "dinov2_with_registers": ("embeddings.position_embeddings", 1, True, torch.float32),
+}
+
+
+def position_table_at_input_size(state: Mapping[str, torch.Tensor], vision: Any, prefix: str = ""
+                                 ) -> dict[str, torch.Tensor]:
+    """The tower's learned position table resampled from its pre-training grid
+    (``hf_config["image_size"] // patch``) to the grid it is fed (``vision.image_size // patch``),
+    exactly as transformers interpolates it at run time for such inputs (bicubic,
+    ``align_corners=False``, in float32 for DINOv2 and in the table's dtype for CLIP and SigLIP; the
+    class-token row kept), so that a config declaring the
+    input size gives the same numbers without interpolating. ``{}`` when the grids agree.
+
+    DINOv2 interpolates at every call (its embedded default is fed 112 px on a 518 px table); CLIP and
+    SigLIP interpolate only with ``interpolate_pos_encoding=True``. Engines that count image tokens
+    from ``vision_config.image_size`` (vLLM) need the table and the config to say the input size."""
+    family = vision.family.name if hasattr(vision, "family") else vision.hf_config["model_type"]
+    native, patch, fed = int(vision.hf_config["image_size"]), int(vision.hf_config["patch_size"]), int(vision.image_size)
+    if native == fed:
+        return {}
+    if family not in _POSITION_TABLES:
+        raise ConversionError(f"vision tower {family!r} is fed {fed} px but declares image_size {native}: "
+                              "no rule to resample its position table for the export")
+    name, lead, batched, work_dtype = _POSITION_TABLES[family]
+    key = prefix + name
+    if key not in state:
+        raise ConversionError(f"vision tower {family!r}: no position table {key!r} in the checkpoint")
+    table = state[key]
+    rows = table[0] if batched else table
+    old_side, new_side = native // patch, fed // patch
+    if rows.shape[0] != lead + old_side * old_side:
+        raise ConversionError(f"{key}: {rows.shape[0]} rows, expected {lead} + {old_side}x{old_side} for "
+                              f"image_size {native} / patch {patch}")
+    grid = rows[lead:].reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid.to(work_dtype or rows.dtype), size=(new_side, new_side),
+                                           mode="bicubic", align_corners=False).to(rows.dtype)
+    new_rows = torch.cat([rows[:lead], grid.permute(0, 2, 3, 1).reshape(new_side * new_side, -1)])
+    out = {key: new_rows[None] if batched else new_rows}
+    ids_key = prefix + name.rsplit(".", 2)[0] + ".position_ids"  # CLIP / SigLIP buffer, when saved
+    if not batched and ids_key in state:
+        out[ids_key] = torch.arange(new_rows.shape[0], dtype=state[ids_key].dtype)[None]
+    return out
+
+
 def mcore_to_hf_llava(sd: Mapping[str, torch.Tensor], config: Any, spec: str, text_vocab_size: int,
                       dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """The NeVA module's full (TP=1) state dict → HF LLaVA tensors (transformers' in-memory names).
@@ -121,6 +171,7 @@ def mcore_to_hf_llava(sd: Mapping[str, torch.Tensor], config: Any, spec: str, te
         raise ConversionError("checkpoint has no vision_model.* tensors")
     for key, value in vision.items():
         out[HF_VISION + key[len("vision_model."):]] = value
+    out.update(position_table_at_input_size(out, config.vision_transformer_config, prefix=HF_VISION))
     inverse = {v: k for k, v in PROJECTOR_KEYS.items()}
     proj = {k for k in sd if k.startswith("vision_projection.")}
     if proj != set(inverse):
@@ -162,6 +213,9 @@ def hf_llava_config(config: Any, text_vocab_size: int, image_token_index: int, d
     if pad_token_id is not None:
         text.pad_token_id = pad_token_id
     vision_hf = vision.transformers_config()
+    # The size the tower is fed (the processor's), not its pre-training size: engines count image
+    # tokens and build the position table from it (mcore_to_hf_llava resamples the table to match).
+    vision_hf.image_size = vision.image_size
     from nemo_basic.models.builder import image_seq_length
 
     out = LlavaConfig(vision_config=vision_hf.to_dict(), text_config=text.to_dict(),
@@ -177,6 +231,7 @@ def hf_llava_config(config: Any, text_vocab_size: int, image_token_index: int, d
 __all__ = [
     "ConversionError",
     "HF_LLAVA_RENAME",
+    "position_table_at_input_size",
     "PROJECTOR_KEYS",
     "hf_llava_config",
     "hf_llava_to_mcore",
