@@ -135,39 +135,9 @@ def build_data(cfg: RecipeConfig, runtime: dict, tokenizer=None, image_processor
 
 
 def synthetic_data_module(micro_batch_size: int, global_batch_size: int, seq_length: int):
-    """The tiny model's synthetic stream (``nemo_basic.testing.tiny_neva``) with its position saved in
-    checkpoints and restored on resume (as `LlavaDataModule` does), so that a resumed run sees
-    exactly the batches an uninterrupted one would."""
-    from nemo_basic.testing import tiny_neva
+    """The tiny model's synthetic stream, resumable (`nemo_basic.data.synthetic`)."""
+    from nemo_basic.data import synthetic
+    from nemo_basic.models import tiny
 
-    class ResumableSyntheticNevaDataModule(tiny_neva.SyntheticNevaDataModule):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.init_global_step = 0
-
-        def train_dataloader(self):
-            from nemo.lightning.data import WrappedDataLoader
-
-            trainer = getattr(self, "trainer", None)
-            if trainer is not None:
-                self.init_global_step = trainer.global_step
-                self.data_sampler.init_global_step = self.init_global_step
-            return WrappedDataLoader(mode="train", dataset=tiny_neva.SyntheticNevaData(),
-                                     batch_size=self.micro_batch_size, collate_fn=tiny_neva._collate)
-
-        def state_dict(self):
-            consumed = self.data_sampler.compute_consumed_samples(self.trainer.global_step - self.init_global_step)
-            return {"consumed_samples": consumed}
-
-        def load_state_dict(self, state_dict):
-            from megatron.core import num_microbatches_calculator as nmc
-
-            consumed = int(state_dict["consumed_samples"])
-            self.data_sampler.init_consumed_samples = consumed
-            self.data_sampler.prev_consumed_samples = consumed
-            self.data_sampler.if_first_step = 1
-            if nmc._GLOBAL_NUM_MICROBATCHES_CALCULATOR is not None:
-                nmc._GLOBAL_NUM_MICROBATCHES_CALCULATOR.update(consumed_samples=consumed, consistency_check=False)
-
-    return ResumableSyntheticNevaDataModule(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
-                                            seq_length=seq_length)
+    return synthetic.synthetic_data_module(synthetic.SyntheticNevaData(tiny.VOCAB, tiny.IMG, tiny.TEXT_LEN),
+                                           micro_batch_size, global_batch_size, seq_length)

@@ -4,9 +4,9 @@
   or from a named preset (`nemo_basic.recipes.presets`), the tiny model's from its builder;
 * `check_model(cfg, runtime)` validates everything that depends on those shapes (k ≤ L, heads
   and query groups divisible by the tensor-parallel size, layers by the pipeline size, layers
-  1..k on the first pipeline stage, image tokens < sequence length) and reports parameter counts;
-* `build_model_config(cfg, runtime)` makes the `BasicNevaConfig` (tiny: `nemo_basic.testing.
-  tiny_neva`; hf: `nemo_basic.models.builder.basic_neva_config_from_hf`);
+  1..k spanning pipeline stages only without sequence parallelism, image tokens < sequence length) and reports parameter counts;
+* `build_model_config(cfg, runtime)` makes the `BasicNevaConfig` (tiny: `nemo_basic.models.
+  tiny`; hf: `nemo_basic.models.builder.basic_neva_config_from_hf`);
 * `build_model(cfg, runtime, optim)` returns the Lightning module (`RecipeNevaModel`), which loads
   the pretrained Hugging Face weights into the Megatron modules right after they are built —
   unless a checkpoint is being resumed or a stage-2 run starts from a stage-1 checkpoint.
@@ -50,6 +50,7 @@ class Architecture:
     vision_params: int
     projector_params: int
     padded_vocab: int
+    spans_stages: bool = False   # layers 1..k lie on more than one pipeline stage (set by check_model)
 
     @property
     def total_params(self) -> int:
@@ -64,7 +65,7 @@ class Architecture:
                 f"vision {self.vision['num_hidden_layers']} layers, hidden {self.vision['hidden_size']}, "
                 f"{self.image_size} px / patch {self.patch_size} -> {self.img_seq_len} image tokens: "
                 f"{g(self.vision_params)}; projector {g(self.projector_params)}; total {g(self.total_params)}; "
-                f"BASIC k = {self.k}")
+                f"BASIC k = {self.k}" + (" (layers 1..k span pipeline stages)" if self.spans_stages else ""))
 
 
 # -- paths -------------------------------------------------------------------------------------------------
@@ -91,16 +92,6 @@ def resolve_model_path(path: str, key: str, kind: str) -> str:
 
 
 # -- architecture -----------------------------------------------------------------------------------------
-def _tiny_architecture(cfg: RecipeConfig) -> tuple[dict, dict]:
-    from nemo_basic.testing.tiny import IMG, PATCH, VOCAB
-
-    llm = dict(model_type="tiny", hidden_size=64, intermediate_size=256, num_hidden_layers=cfg.model.tiny_num_layers,
-               num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, tie_word_embeddings=False)
-    vision = dict(model_type="tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=IMG, patch_size=PATCH, class_token=True)
-    return llm, vision
-
-
 def _arch_of(cfg: RecipeConfig, kind: str) -> dict:
     m = cfg.model
     path, preset = (m.llm_path, m.llm_arch) if kind == "llm" else (m.vision_path, m.vision_arch)
@@ -122,7 +113,9 @@ def architecture(cfg: RecipeConfig, tensor_parallel: Optional[int] = None) -> Ar
 
     m = cfg.model
     if m.type == "tiny":
-        llm, vision = _tiny_architecture(cfg)
+        from nemo_basic.models import tiny
+
+        llm, vision = tiny.architecture(m.tiny_num_layers)
     else:
         llm, vision = _arch_of(cfg, "llm"), _arch_of(cfg, "vision")
     L = llm["num_hidden_layers"]
@@ -166,10 +159,14 @@ def check_model(cfg: RecipeConfig, runtime: Optional[dict] = None) -> Architectu
         first = first or L // p.pipeline
         if first >= L:
             raise bad_value("parallel.num_layers_in_first_pipeline_stage", first, f"an integer < {L}")
-        if arch.k > first:
-            raise bad_value("basic.layers", arch.k, f"null or an integer <= {first}",
-                            f"layers 1..k must lie on the first of {p.pipeline} pipeline stages, which holds "
-                            f"{first} layers; or raise parallel.num_layers_in_first_pipeline_stage")
+        # layers 1..k may span stages: the supervision rides in the activation the stages exchange
+        # (nemo_basic.models.pipeline), which sequence parallelism shards along that dimension
+        arch.spans_stages = arch.k > first
+        if arch.spans_stages and p.sequence_parallel:
+            raise bad_value("parallel.sequence_parallel", True, "false", f"basic.layers = {arch.k} spans pipeline "
+                            f"stages (the first holds {first} layers) and the supervision then travels along the "
+                            "sequence dimension of the activation, which sequence parallelism splits; or lower "
+                            f"basic.layers to {first}")
     elif first is not None:
         raise bad_value("parallel.num_layers_in_first_pipeline_stage", first, "null", "parallel.pipeline is 1")
     max_pos = llm.get("max_position_embeddings")
@@ -250,9 +247,9 @@ def build_model_config(cfg: RecipeConfig, runtime: dict, llm_dir: Optional[str] 
 
     m = cfg.model
     if m.type == "tiny":
-        from nemo_basic.testing import tiny_neva
+        from nemo_basic.models import tiny
 
-        config = tiny_neva.tiny_neva_config(BasicNevaConfig, num_layers=m.tiny_num_layers, basic=cfg.basic)
+        config = tiny.tiny_neva_config(BasicNevaConfig, num_layers=m.tiny_num_layers, basic=cfg.basic)
         config.language_transformer_config.seq_length = m.seq_length
         config.seq_length = m.seq_length
         return _apply_common(config, cfg, runtime)
@@ -306,9 +303,10 @@ def build_model(cfg: RecipeConfig, runtime: dict, optim, llm_dir: Optional[str] 
     config = build_model_config(cfg, runtime, llm_dir, vision_dir)
     cls = recipe_model_class()
     if cfg.model.type == "tiny":
-        from nemo_basic.testing import tiny_neva
+        from nemo_basic.models import tiny
 
-        return cls(config, optim=optim, tokenizer=tiny_neva.TinyTokenizer(), img_seq_len=arch.img_seq_len), None, None
+        return cls(config, optim=optim, tokenizer=tiny.TinyTokenizer(), img_seq_len=arch.img_seq_len,
+                   init_seed=cfg.run.seed), None, None
     from nemo_basic.models import builder
 
     img_seq_len = builder.image_seq_length(config)

@@ -22,20 +22,26 @@ class RecipeNevaModel(BasicNevaModel):
     2. counts the tokens it is fed (text + image embeddings), for the throughput log.
 
     Args beyond NeVA's: ``pretrained`` = ``{"llm_dir": ...}`` (None: nothing to load, e.g. the
-    tiny model), ``img_seq_len`` = image embeddings per image.
+    tiny model), ``img_seq_len`` = image embeddings per image, ``init_seed`` = the tiny model's
+    seed of `nemo_basic.models.tiny.layout_free_init` (None: Megatron's own initialisation).
     """
 
     def __init__(self, config, optim=None, tokenizer=None, model_transform=None,
-                 pretrained: Optional[dict] = None, img_seq_len: int = 0):
+                 pretrained: Optional[dict] = None, img_seq_len: int = 0, init_seed: Optional[int] = None):
         super().__init__(config, optim=optim, tokenizer=tokenizer, model_transform=model_transform)
         self.pretrained = pretrained
         self.img_seq_len = img_seq_len
+        self.init_seed = init_seed
         self.tokens_seen = 0
         self.samples_seen = 0
 
     def configure_model(self, vp_stage: Optional[int] = None) -> None:
         fresh = not hasattr(self, "module")
         super().configure_model(vp_stage=vp_stage)
+        if fresh and self.init_seed is not None:  # resuming or restoring overwrites these weights after
+            from nemo_basic.models.tiny import layout_free_init
+
+            layout_free_init(self.module, self.init_seed)
         if fresh and self.pretrained and self.pretrained.get("llm_dir"):
             trainer = getattr(self, "_trainer", None)
             resuming = trainer is not None and bool(getattr(trainer, "ckpt_path", None))

@@ -154,6 +154,20 @@ def precision_plugin(cfg: RecipeConfig, runtime: dict):
     return nl.MegatronMixedPrecision(**kw)
 
 
+def ddp_settings(cfg: RecipeConfig, runtime: dict) -> Dict[str, Any]:
+    """Megatron DDP's settings on GPUs. The overlapped parameter all-gather of the distributed
+    optimizer is turned off when layers 1..k span pipeline stages while the LLM trains: the stage
+    that completes L_sds copies E from the first stage at the start of each step
+    (`nemo_basic.models.pipeline.EmbeddingSync`), and with the overlap E's update of the last step
+    is gathered only during this step's forward, so the copy would lag one step."""
+    p = cfg.parallel
+    arch = runtime.get("arch")
+    lagging_copy = bool(arch is not None and arch.spans_stages and not cfg.freeze_language_model)
+    return dict(check_for_nan_in_grad=True, grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+                overlap_param_gather=p.overlap_param_gather and runtime["distributed_optimizer"] and not lagging_copy,
+                average_in_collective=True, use_distributed_optimizer=runtime["distributed_optimizer"])
+
+
 def build_trainer(cfg: RecipeConfig, runtime: dict, max_steps: int, callbacks: list):
     import torch
     from nemo import lightning as nl
@@ -170,10 +184,7 @@ def build_trainer(cfg: RecipeConfig, runtime: dict, max_steps: int, callbacks: l
     if on_gpu:
         from megatron.core.distributed import DistributedDataParallelConfig
 
-        strategy_kw["ddp"] = DistributedDataParallelConfig(
-            check_for_nan_in_grad=True, grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
-            overlap_param_gather=p.overlap_param_gather and runtime["distributed_optimizer"],
-            average_in_collective=True, use_distributed_optimizer=runtime["distributed_optimizer"])
+        strategy_kw["ddp"] = DistributedDataParallelConfig(**ddp_settings(cfg, runtime))
     strategy = nl.MegatronStrategy(**strategy_kw)
     plugin = precision_plugin(cfg, runtime)
     return nl.Trainer(

@@ -10,8 +10,7 @@ import dataclasses
 
 import torch
 
-VOCAB = 1024
-IMG, PATCH = 16, 4
+from nemo_basic.models.tiny import IMG, PATCH, VOCAB  # noqa: E402  (one home for the tiny shapes)
 IMG_SEQ_LEN = (IMG // PATCH) ** 2
 LM_SEQ = 64
 

@@ -129,15 +129,34 @@ def test_bad_overrides_name_the_key(override, message):
 @pytest.mark.parametrize("override,message", [
     ("basic.layers=40", "basic.layers = 40 is invalid: expected null (num_layers // 2) or an integer in 1..32"),
     ("parallel.tensor=3", "parallel.tensor = 3 is invalid: expected a size dividing the 32 attention heads"),
-    ("parallel.pipeline=4", "basic.layers = 16 is invalid: expected null or an integer <= 8"),
+    ("parallel.pipeline=4 parallel.tensor=2 parallel.sequence_parallel=true",
+     "parallel.sequence_parallel = True is invalid: expected false (basic.layers = 16 spans pipeline stages (the "
+     "first holds 8 layers)"),
     ("model.seq_length=500", "model.seq_length = 500 is invalid: expected an integer > 576"),
     ("model.vision_arch=clip-vit-huge", "model.vision_arch = 'clip-vit-huge' is invalid: expected one of"),
 ])
 def test_model_dependent_errors_name_the_key(override, message):
-    cfg = load_config(BIG_7B, [override], stage=1)
+    cfg = load_config(BIG_7B, override.split(), stage=1)
     with pytest.raises(RecipeConfigError) as e:
         M.check_model(cfg)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("stage,pipeline,spans", [(1, 2, False), (1, 4, True), (2, 2, False), (2, 4, True)])
+def test_13b_checks_with_pipeline_parallelism(stage, pipeline, spans):
+    """Layers 1..k (k = 20 of 40) may span pipeline stages: `--check` accepts the 13B recipes at PP=2
+    (layers 1..20 on the first stage) and PP=4 (spanning), as on their GPUs."""
+    from nemo_basic.recipes.train import ddp_settings, preflight
+
+    path = os.path.join(REPO, "conf", f"llava15_13b_stage{stage}.yaml")
+    extra = ["parallel.sequence_parallel=false", "trainer.num_nodes=2"] if stage == 2 else []
+    cfg = load_config(path, [f"parallel.pipeline={pipeline}", *extra], stage=stage)
+    runtime = preflight(cfg, require_files=False, assume_target=True)
+    assert runtime["arch"].k == 20 and runtime["arch"].spans_stages is spans
+    assert not runtime["blockers"]
+    # the distributed optimizer's overlapped all-gather would hand the stage completing L_sds last
+    # step's E when the LLM trains (stage 2) and k spans stages: off only there
+    assert ddp_settings(cfg, runtime)["overlap_param_gather"] is not (stage == 2 and spans)
 
 
 def test_machine_dependent_errors():
