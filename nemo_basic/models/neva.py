@@ -54,6 +54,9 @@ class BasicMCoreNevaModel(MCoreNevaModel):
         lm_config = config.language_transformer_config
         vocab_size = getattr(tokenizer, "vocab_size", None) or lm_config.vocab_size
         self.capture = SupervisionCapture(self.basic, lm_config.num_layers, vocab_size)
+        # Whether this pipeline stage holds a decoder layer ≤ k (stage 0 always does).
+        self._supervising_stage = any(layer.layer_number <= self.capture.k
+                                      for layer in self.language_model.decoder.layers)
         if self.pre_process:
             self.capture.embedding = self.language_model.embedding.word_embeddings.weight
         pp = ps.get_pipeline_model_parallel_world_size()
@@ -80,6 +83,8 @@ class BasicMCoreNevaModel(MCoreNevaModel):
                                image_token_index)
 
     def _begin_capture(self, seq_len: int) -> None:
+        if not self._supervising_stage:
+            return  # no layer ≤ k here: no masks, no layout (whose row counts cost a host sync)
         input_ids, num_image_tiles, text_lengths, image_token_index = self._placement_args
         image_mask, text_mask = self.placement_masks(input_ids, num_image_tiles, seq_len, text_lengths,
                                                      image_token_index)
@@ -281,8 +286,20 @@ def basic_neva_data_step(dataloader_iter) -> dict:
     lengths = raw.get("text_lengths") if isinstance(raw, dict) else None
     out = neva_base.neva_data_step(iter([batch]))
     if lengths is not None:
-        out["text_lengths"] = lengths.to(out["tokens"].device) if out.get("tokens") is not None else lengths
+        out["text_lengths"] = lengths if out.get("tokens") is None else _to_device(lengths, out["tokens"].device)
     return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor of the batch onto the model's device without making the host wait: a
+    blocking host→device copy (`.to(device)`) synchronises the stream on CUDA. Non-blocking from
+    page-locked memory (the data loader pins batches on GPUs; pinned here otherwise), as NeVA's
+    data step moves the other keys."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()  # a pageable source would let the driver synchronise the copy
+    return t.to(device, non_blocking=True)
 
 
 def basic_neva_forward_step(model, batch) -> torch.Tensor:

@@ -8,8 +8,16 @@ machine how many synchronisations a code path would cost on a GPU:
   * output sizes that depend on values: `nonzero` (also behind single-argument `torch.where`),
     `masked_select`, `unique*`, `repeat_interleave` with tensor repeats, and indexing or
     index_put with a boolean mask.
-Not seen on a CPU: host↔device copies of tensors created on the host (e.g. `torch.tensor(list)`
-moved to the GPU); the GPU self-test (scripts/gpu_selftest.py) counts those with the profiler.
+  * blocking copies of a host (CPU) tensor to another device: `aten._to_copy` (`.to(device)`,
+    `.cuda()`) or `aten.copy_` from a CPU source into a non-CPU destination without
+    `non_blocking=True`. CUDA runs those as copy-and-synchronise-the-stream (torch's
+    `memcpy_and_sync`). Counted as `h2d_copy`. On a CPU-only machine a code path shows them when
+    its device is a stand-in such as `meta` (e.g. the data step's target device); a non-blocking
+    copy is not counted (on CUDA it needs page-locked memory to stay asynchronous, which a CPU
+    machine cannot check).
+Not seen: host↔device copies that never reach the dispatcher with a non-CPU destination (all of
+them, when everything runs on the CPU); the GPU self-test (scripts/gpu_selftest.py) counts those
+with the profiler.
 """
 from __future__ import annotations
 
@@ -30,6 +38,21 @@ def _has_bool_index(args) -> bool:
         isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
 
 
+def _device_type(device) -> str:
+    return torch.device(device).type if device is not None else "cpu"
+
+
+def _blocking_host_to_device(name: str, args, kwargs) -> bool:
+    """A copy of a CPU tensor to a non-CPU device that the host waits for."""
+    if name == "_to_copy" and args and isinstance(args[0], torch.Tensor):
+        return (args[0].device.type == "cpu" and _device_type(kwargs.get("device", args[0].device)) != "cpu"
+                and not kwargs.get("non_blocking", False))
+    if name == "copy_" and len(args) > 1 and isinstance(args[0], torch.Tensor) and isinstance(args[1], torch.Tensor):
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        return args[1].device.type == "cpu" and args[0].device.type != "cpu" and not non_blocking
+    return False
+
+
 class SyncCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -41,6 +64,8 @@ class SyncCounter(TorchDispatchMode):
                 name == "repeat_interleave" and args and isinstance(args[0], torch.Tensor)
                 and len(args) > 1 and isinstance(args[1], torch.Tensor)):
             self.counts[name] += 1
+        elif _blocking_host_to_device(name, args, kwargs or {}):
+            self.counts["h2d_copy"] += 1
         return func(*args, **(kwargs or {}))
 
     @property
