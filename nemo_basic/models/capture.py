@@ -72,23 +72,41 @@ def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _flash_kernel(q, k, v, dropout_p: float, scale: float):
+    """torch's fused causal flash attention with its log-sum-exp: (out, lse, ...)."""
+    if q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, True, False, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, True, scale=scale)
+
+
+# What a flash kernel without grouped-head support says when K/V have fewer heads than Q (FA2's
+# "We do not support MQA/GQA yet", head-count checks such as "Number of heads in key/value must
+# divide ..."). Nothing else a kernel raises may switch the fallback on.
+_GROUPED_HEADS_REJECTION = ("mqa", "gqa", "heads")
+
+
+def _rejects_grouped_heads(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError) or type(error).__name__ == "AcceleratorError":
+        return False  # out of memory, or an (asynchronous) CUDA error: not about the head layout
+    message = str(error).lower()
+    return not message.startswith("cuda error") and any(word in message for word in _GROUPED_HEADS_REJECTION)
+
+
 def sdpa_with_lse(q, k, v, scale: float, dropout_p: float = 0.0):
     """Causal attention over [B, H, S, D] that also returns the row log-sum-exp [B, H, S].
 
     torch's fused flash kernels return it as their second output (CPU and CUDA alike). Grouped
     K/V ([B, Hkv, S, D], Hkv dividing H) go in as they are: both kernels pair query head h with
-    key head h // (H / Hkv), as Megatron does. Should a build reject that, K/V are expanded
-    once and the fallback is remembered."""
+    key head h // (H / Hkv), as Megatron does. Should a build reject that (its head-count error,
+    nothing else: out of memory and CUDA errors propagate), K/V are expanded once and the
+    fallback is remembered."""
     device = q.device.type
     if k.shape[1] != q.shape[1] and not _NATIVE_GQA.get(device, False):
         k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
     try:
-        if q.is_cuda:
-            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, True, False, scale=scale)
-        else:
-            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, True, scale=scale)
-    except RuntimeError:
-        if k.shape[1] == q.shape[1]:
+        out = _flash_kernel(q, k, v, dropout_p, scale)
+    except RuntimeError as error:
+        if k.shape[1] == q.shape[1] or not _rejects_grouped_heads(error):
             raise
         _NATIVE_GQA[device] = False
         return sdpa_with_lse(q, k, v, scale, dropout_p)
@@ -144,10 +162,20 @@ def attach_lse_attention(core_attention: torch.nn.Module, capture: "SupervisionC
     `_extra_state` stay where checkpoints expect them); only its forward is wrapped.
     """
     original = core_attention.forward
+    # Under activation recomputation the layer's forward runs again in backward, under 1F1B
+    # possibly after the next micro-batch began (the capture then describes that one): the choice
+    # of kernel may then depend only on settings, never on the micro-batch, so that a recomputed
+    # forward runs the kernel its first forward ran.
+    recomputed = getattr(getattr(core_attention, "config", None), "recompute_granularity", None) is not None
 
     def forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):  # Megatron's interface; tensors [s, b, heads, dim]
         wanted = capture.wants_attention(layer_number)
+        # The lse kernel only where the attention mass is wanted: with basic.degree = equal, and
+        # in micro-batches without images, the module runs its own attention (TE's cuDNN kernel).
+        if not capture.uses_attention_mass(layer_number, per_micro_batch=not recomputed):
+            return original(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                            attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
         scale = softmax_scale_of(core_attention, query.shape[-1])
         fused_ok = (capture.active and fused_unsupported(core_attention, layer_number) is None and attention_mask is None and attention_bias is None
                     and packed_seq_params is None and not kwargs
@@ -170,6 +198,16 @@ def attach_lse_attention(core_attention: torch.nn.Module, capture: "SupervisionC
     core_attention.forward = forward
 
 
+def _accumulate(total: Optional[torch.Tensor], rows: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """total + weight·rows in fp32; in place (no new [B, W, h] buffer per layer) unless `total`
+    is part of a gradient graph (rows received from the previous pipeline stage, pipeline.unpack),
+    which is summed out of place as before."""
+    if total is None or total.requires_grad:
+        out = rows.float() * weight if weight != 1.0 else rows.float()
+        return out if total is None else total + out
+    return total.add_(rows, alpha=weight)  # rows may be 16-bit: added in fp32, no fp32 copy
+
+
 class SupervisionCapture:
     """Per-micro-batch state of the BASIC supervision (see the module docstring)."""
 
@@ -189,6 +227,8 @@ class SupervisionCapture:
         self.projected = None            # V rows [B, W, d] (with grad; padded slots 0)
         self.target = None               # Σ w_l h_l[image] rows [B, W, d] fp32
         self.mass = None                 # Σ_l mass_l [B, S] fp32
+        self._shard = None               # this rank's sequence shard of the layout (sequence parallel)
+        self._sharded_target = False     # target holds only this rank's rows until layer k
         self.layers_seen: set[int] = set()
         self.attention_seen: set[int] = set()
         self.done = False
@@ -217,8 +257,14 @@ class SupervisionCapture:
 
     # -- called from the decoder -----------------------------------------------------------------
     def wants_attention(self, layer_number: int) -> bool:
-        return (self.basic.degree == "attention" and self.has_images and layer_number <= self.k
-                and layer_number not in self.attention_seen and not in_backward())
+        return (self.uses_attention_mass(layer_number) and layer_number not in self.attention_seen
+                and not in_backward())
+
+    def uses_attention_mass(self, layer_number: int, per_micro_batch: bool = True) -> bool:
+        """Whether layer `layer_number`'s attention feeds eq. 5's mass: degree = attention, the
+        layer ≤ k, a training micro-batch being captured and (per_micro_batch) with images."""
+        return (self.basic.degree == "attention" and layer_number <= self.k and self.active
+                and (self.has_images or not per_micro_batch))
 
     def record_attention(self, layer_number, query, key, lse, scale) -> None:
         self.attention_seen.add(layer_number)  # activation recomputation must not count twice
@@ -228,22 +274,36 @@ class SupervisionCapture:
         mass = S.text_to_image_attention(
             q, k, lse=None if lse is None else lse.detach(), scale=scale, layout=self.layout,
             tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None)
-        self.mass = mass if self.mass is None else self.mass + mass
+        self.mass = _accumulate(self.mass, mass)
 
     def after_layer(self, layer_number: int, hidden: torch.Tensor) -> None:
-        """Forward hook of decoder layer `layer_number` (global, 1-based); hidden [S(/TP), B, h]."""
+        """Forward hook of decoder layer `layer_number` (global, 1-based); hidden [S(/TP), B, h].
+
+        Eq. 4's running sum Σ_l w_l·h_l[image] is added in place into one fp32 [B, W, h] buffer.
+        Under sequence parallelism each tensor-parallel rank holds S/TP consecutive positions: it
+        adds the image rows of its own shard (zeros for the others) and the ranks sum their
+        buffers once, at layer k (one all-reduce of the [B, W, h] fp32 rows per micro-batch,
+        instead of an all-gather of the whole [S, B, h] hidden state in every layer 1..k)."""
         if layer_number > self.k or not self.has_images or in_backward():
             return
         if layer_number not in self.layers_seen:
             self.layers_seen.add(layer_number)
             full = hidden.detach()
+            weight = self.weights[layer_number - 1]
             if ps.get_tensor_model_parallel_world_size() > 1 and full.shape[0] != self.image_mask.shape[1]:
-                from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
-                full = gather_from_sequence_parallel_region(full, tensor_parallel_output_grad=False)
-            rows = self.layout.gather(full).float() * self.weights[layer_number - 1]
-            self.target = rows if self.target is None else self.target + rows  # eq. 4, running sum
+                if self._shard is None:  # once per micro-batch: this rank's rows of the layout
+                    start = ps.get_tensor_model_parallel_rank() * full.shape[0]
+                    self._shard = self.layout.shard_rows(start, full.shape[0])
+                rows = self.layout.gather_shard(full, self._shard)
+                self._sharded_target = True
+            else:
+                rows = self.layout.gather(full)
+            self.target = _accumulate(self.target, rows, weight)  # eq. 4, running sum
         if layer_number == self.k and not self.done:
+            if self._sharded_target:
+                # Each image row was added on exactly one rank (zeros elsewhere): the sum is exact.
+                torch.distributed.all_reduce(self.target, group=ps.get_tensor_model_parallel_group())
+                self._sharded_target = False
             self._compute_losses()
 
     def after_block(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ padded slots point at a non-image position and are zeroed where they are read). 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -85,6 +86,35 @@ class RowLayout:
         out = x.reshape(self.seq * self.batch, *x.shape[2:]).index_select(0, self._flat(index))
         out = out.view(self.batch, index.shape[1], *x.shape[2:])
         return out * valid.view(*valid.shape, *([1] * (x.dim() - 2))).to(out.dtype)
+
+    @functools.cached_property
+    def blocked_pairs(self) -> torch.Tensor:
+        """[B, T, W] bool: text row t does not see image row w (the image position comes after
+        the text position under causal attention, or either slot is padding). It depends on the
+        micro-batch only: built at the first use and shared by the k layers' attention mass."""
+        return ((self.image_index[:, None, :] > self.text_index[:, :, None])
+                | ~self.image_valid[:, None, :] | ~self.text_valid[:, :, None])
+
+    def shard_rows(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat row numbers [B·W], in-shard [B, W]) of the image rows in positions
+        [start, start + length) of an [S/n, B, ...] sequence shard (sequence parallelism: rank r
+        holds positions r·S/n … (r+1)·S/n − 1). Rows outside the shard point at row 0 and are
+        masked. Build once per micro-batch and shard; no synchronisation."""
+        local = self.image_index - start
+        inside = self.image_valid & (local >= 0) & (local < length)
+        flat = (local.clamp(0, max(length - 1, 0)) * self.batch
+                + torch.arange(self.batch, device=local.device)[:, None]).reshape(-1)
+        return flat, inside
+
+    def gather_shard(self, x: torch.Tensor, shard: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """[S/n, B, ...] shard → [B, W, ...]: the image rows this shard holds, zero elsewhere (so
+        the sum of the ranks' results is `gather` of the whole sequence)."""
+        flat, inside = shard
+        if x.shape[1] != self.batch:
+            raise ValueError(f"expected [S/n, B={self.batch}, ...], got {tuple(x.shape)}")
+        out = x.reshape(x.shape[0] * self.batch, *x.shape[2:]).index_select(0, flat)
+        out = out.view(self.batch, self.width, *x.shape[2:])
+        return out * inside.view(*inside.shape, *([1] * (x.dim() - 2))).to(out.dtype)
 
     def scatter(self, rows: torch.Tensor) -> torch.Tensor:
         """[B, W, ...] image rows → [S, B, ...] with them at their positions, zeros elsewhere
