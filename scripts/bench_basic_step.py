@@ -4,6 +4,8 @@
   python scripts/bench_basic_step.py            # 7B-shaped CPU proxy, stage 1 and stage 2 freezing
   python scripts/bench_basic_step.py --quick    # small sizes, a smoke run of a minute or two
   python scripts/bench_basic_step.py --stages 1 # one freezing regime only
+  python scripts/bench_basic_step.py --model 7b # LLaVA-1.5-7B FLOP / collective-byte model, no weights
+                                                # (scripts/flops_7b.py), old vs new (issue 25)
 
 The proxy keeps the ratios that set BASIC's cost (METHOD.md, "Expected cost"). For Vicuna-7B,
 L_sds costs 3·m·d·N multiply-adds against a step of ≈ 3·L·12·S·d², i.e. ∝ N / (L·d):
@@ -39,6 +41,10 @@ pieces timed in place inside `on` steps (timers wrapped around its functions, be
 steps), and torch.profiler op tables (grouped by op and input shapes, min self CPU time over the
 profiled steps): the ops `on` runs more often than `off_lse` are BASIC's own, attributed by exact
 call counts rather than by differences of noisy times; off vs off_lse shows the kernel swap.
+FLOPs: torch.utils.flop_counter over one `off_lse` and one `on` step (the proxy runs fp32, where
+L_sds is three plain products), and L_sds's GEMMs with a bf16 V and table (bf16 training) counted
+on meta tensors for the old hi/lo-split operands and the new 16-bit ones (issue 25), giving BASIC's
+FLOP share of the step old vs new.
 """
 from __future__ import annotations
 
@@ -144,6 +150,9 @@ class _KernelOnly:
     active = True
 
     def wants_attention(self, layer_number: int) -> bool:
+        return True
+
+    def uses_attention_mass(self, layer_number: int, **kwargs) -> bool:  # run the lse kernel here
         return True
 
     def record_attention(self, *args, **kwargs) -> None:
@@ -350,6 +359,27 @@ def worker_breakdown(size: str, stage: int) -> dict:
             "load": os.getloadavg()}
 
 
+def worker_flops(size: str, stage: int) -> dict:
+    """FLOPs of one step (torch.utils.flop_counter) of `off_lse` and `on`, and L_sds's GEMM FLOPs
+    for the proxy's shapes with a bf16 V and table, old (hi/lo operands) and new, on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench_supervision import sds_gemm_flops
+
+    s = setup(size)
+    models = build_all(s, stage, ("off_lse", "on"))
+    batch = make_batch(s)
+    totals = {}
+    for v, model in models.items():
+        with FlopCounterMode(display=False) as counter:
+            train_step(model, batch)
+        totals[v] = counter.get_total_flops()
+    shape = dict(batch=s["mbs"], m=(s["img"] // s["patch"]) ** 2, d=s["hidden"], vocab=s["vocab"])
+    return {"step": totals, "sds_old_bf16": sds_gemm_flops(shape, old=True),
+            "sds_new_bf16": sds_gemm_flops(shape, old=False),
+            "sds_floor": 3 * 2 * shape["batch"] * shape["m"] * shape["d"] * shape["vocab"]}
+
+
 def _shapes(shapes) -> str:
     return ",".join("x".join(map(str, s)) for s in shapes if s)
 
@@ -370,6 +400,8 @@ def run_worker(task: str, size: str, stage: int) -> None:
         out = worker_memory(size, stage, variant)
     elif kind == "time":
         out = worker_time(size, stage, int(variant))
+    elif kind == "flops":
+        out = worker_flops(size, stage)
     else:
         out = worker_breakdown(size, stage)
     print("RESULT " + json.dumps(out))
@@ -415,6 +447,16 @@ def report_stage(size: str, stage: int, reps: int) -> None:
           f"model FLOPs: step {f['step'] / 1e9:.0f} G, L_sds {f['sds'] / 1e9:.2f} G "
           f"({100 * f['sds'] / f['step']:.2f} %), attention mass {f['mass'] / 1e9:.2f} G "
           f"({100 * f['mass'] / f['step']:.2f} %)")
+    fl = run_worker_process("flops", size, stage)
+    base, on = fl["step"]["off_lse"], fl["step"]["on"]
+    basic_new = on - base  # fp32 proxy: L_sds at three products, as the new bf16 code
+    basic_old = basic_new + fl["sds_old_bf16"] - fl["sds_new_bf16"]
+    print(f"FLOPs (flop_counter, one step): off_lse {base / 1e9:.1f} G, on {on / 1e9:.1f} G: BASIC {basic_new / 1e9:.2f} G "
+          f"= {100 * basic_new / base:.2f} % of the step")
+    print(f"  L_sds GEMMs with a bf16 V and table (meta tensors): old hi/lo {fl['sds_old_bf16'] / 1e9:.2f} G "
+          f"(x{fl['sds_old_bf16'] / fl['sds_floor']:.3f} the floor), new {fl['sds_new_bf16'] / 1e9:.2f} G "
+          f"(x{fl['sds_new_bf16'] / fl['sds_floor']:.3f}); BASIC's share of the step in bf16: old "
+          f"{100 * basic_old / base:.2f} % -> new {100 * basic_new / base:.2f} % (new/old x{basic_new / basic_old:.3f})")
     peak = {}
     for v in VARIANTS:
         peak.update(run_worker_process(f"memory:{v}", size, stage))
@@ -484,12 +526,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes for a fast smoke run")
     parser.add_argument("--stages", help="freezing regimes to run: 1, 2 or 1,2 (default 1,2; --quick: 1)")
     parser.add_argument("--reps", type=int, help="timed runs per variant (default: full 10, quick 3)")
+    parser.add_argument("--model", choices=("proxy", "7b"), default="proxy",
+                        help="proxy: time the CPU proxy (default); 7b: print the LLaVA-1.5-7B FLOP / byte model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         run_worker(args.worker, args.size, args.stage)
+        return
+    if args.model == "7b":
+        from flops_7b import report as report_7b
+
+        report_7b()
         return
     size = "quick" if args.quick else "full"
     s = SIZES[size]

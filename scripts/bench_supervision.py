@@ -8,6 +8,14 @@
     plain autograd over the full [B·m, N] logits.
 (2) Text→image attention mass (eq. 5), one layer: from the fused kernel's lse, and with the lse
     recomputed, vs an eager [B, H, S, S] softmax.
+(3) Old vs new (issue 25) in bf16 (a bf16 V and table, as bf16 training has them):
+    L_sds with the hi/lo-split operands of before (kept here, `old_sds()`, only for this
+    comparison) vs the three 16-bit products of now: GEMM FLOPs counted by torch.utils.flop_counter
+    on meta tensors (the CUDA branch, mm(out_dtype=float32)), CPU time (the CPU emulation: the same
+    operands upcast, fp32 GEMMs), peak memory, and how far the new loss and gradient are from the
+    old ones (which are float64-exact to ~1e-6). The attention mass with q, k upcast to fp32 before
+    the score GEMMs (old) vs 16-bit operands with fp32 output (new): the same FLOPs, half the operand
+    bytes; on this CPU the emulation runs the same fp32 arithmetic, so only a GPU shows the gain.
 
 How memory is measured: torch's CPU allocator keeps no peak statistics and tracemalloc does not see
 it, so every variant runs in a fresh subprocess that (1) builds its inputs, (2) hands freed heap
@@ -22,6 +30,7 @@ the ratio fair when other processes share the cores (the load average is printed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -110,6 +119,96 @@ def fused_kl_step(v, v_hat, embedding, a) -> None:
     semantic_distribution_loss(x, v_hat, embedding, a).backward()
 
 
+@contextlib.contextmanager
+def old_sds():
+    """L_sds as before issue 25: with a 16-bit table every fp32 operand split into 16-bit hi + lo
+    parts (forward x, t − x; backward q − p), 5 [R × d × N] products for a bf16 V, 6 for fp32.
+    For the comparison only; the library computes the three products of the floor."""
+    from nemo_basic.supervision import losses
+
+    def hi_lo(lowp, table_dtype, dtype):
+        split = (lambda y: losses._split(y, table_dtype)) if lowp else (lambda y: [y.to(dtype)])
+        return split, split
+
+    new = losses._operands
+    losses._operands = hi_lo
+    try:
+        yield
+    finally:
+        losses._operands = new
+
+
+@contextlib.contextmanager
+def old_mass():
+    """The attention mass as before issue 25: q and k upcast to fp32 before the score GEMMs."""
+    from nemo_basic.supervision import attention_mass
+
+    new = attention_mass._operand
+    attention_mass._operand = lambda x: x.float()
+    try:
+        yield
+    finally:
+        attention_mass._operand = new
+
+
+def kl_bf16_inputs(s: dict):
+    v, v_hat, embedding, a = kl_inputs(s)
+    return v.bfloat16(), v_hat, embedding.bfloat16(), a  # V̂ stays fp32, as eq. 4 builds it
+
+
+def kl_bf16_old_step(*inputs) -> None:
+    with old_sds():
+        fused_kl_step(*inputs)
+
+
+def sds_gemm_flops(s: dict, old: bool) -> int:
+    """GEMM FLOPs of one L_sds forward + backward with a bf16 V and table, counted by
+    torch.utils.flop_counter on meta tensors (no data: the CUDA branch's mm(out_dtype=float32))."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nemo_basic.supervision import semantic_distribution_loss
+
+    meta = torch.device("meta")
+    v = torch.empty(s["batch"], s["m"], s["d"], device=meta, dtype=torch.bfloat16, requires_grad=True)
+    v_hat = torch.empty(s["batch"], s["m"], s["d"], device=meta)
+    embedding = torch.empty(s["vocab"], s["d"], device=meta, dtype=torch.bfloat16)
+    a = torch.empty(s["batch"], s["m"], device=meta)
+    with (old_sds() if old else contextlib.nullcontext()), FlopCounterMode(display=False) as counter:
+        semantic_distribution_loss(v, v_hat, embedding, a).backward()
+    return counter.get_flop_counts()["Global"].get(torch.ops.aten.mm, 0)
+
+
+def sds_old_vs_new(s: dict, device: str = "cpu") -> dict:
+    """New L_sds's loss and gradient against the old one's (float64-exact to ~1e-6) on one input."""
+    from nemo_basic.supervision import semantic_distribution_loss
+
+    v, v_hat, embedding, a = (t.to(device) for t in kl_bf16_inputs(s))
+    out = {}
+    for name, ctx in (("old", old_sds), ("new", contextlib.nullcontext)):
+        x = v.detach().clone().requires_grad_(True)
+        with ctx():
+            loss = semantic_distribution_loss(x, v_hat, embedding, a)
+        loss.backward()
+        out[name] = (loss.detach().double(), x.grad.double())
+    (lo, go), (ln, gn) = out["old"], out["new"]
+    return {"loss_rel": float((ln - lo).abs() / lo.abs()), "grad_rel_norm": float((gn - go).norm() / go.norm())}
+
+
+def old_vs_new_timed(shape: dict, device: str, timer: Callable[[Callable[[], None]], float]) -> dict:
+    """On `device` (the GPU self-test's proxy check): L_sds forward + backward with a bf16 V and
+    table, and one layer's attention mass from the lse with bf16 q, k (bench sizes "full": S = 2048,
+    H = 32, D = 128), old vs new, timed by `timer` (seconds of one call); and new vs old accuracy."""
+    kl = [t.to(device) for t in kl_bf16_inputs(shape)]
+    attn = [t.to(device) for t in attention_bf16_inputs(SIZES["full"])]
+    out = {key: timer(lambda fn=fn, args=args: fn(*args)) for key, fn, args in (
+        ("sds_old_s", kl_bf16_old_step, kl), ("sds_new_s", fused_kl_step, kl),
+        ("mass_old_s", lse_mass_old, attn), ("mass_new_s", lse_mass, attn))}
+    out["sds_new_over_old"] = out["sds_new_s"] / out["sds_old_s"]
+    out["mass_new_over_old"] = out["mass_new_s"] / out["mass_old_s"]
+    out.update(sds_old_vs_new(shape, device))
+    return out
+
+
 def attention_inputs(s: dict):
     """One sample: a system prompt, the m image patches, then text to the end of the sequence."""
     g = torch.Generator().manual_seed(1)
@@ -146,14 +245,29 @@ def recompute_mass(q, k, text, image, lse) -> None:
     text_to_image_attention(q, k, text, image)
 
 
+def attention_bf16_inputs(s: dict):
+    q, k, text, image, lse = attention_inputs(s)
+    return q.bfloat16(), k.bfloat16(), text, image, lse
+
+
+def lse_mass_old(*inputs) -> None:
+    with old_mass():
+        lse_mass(*inputs)
+
+
 VARIANTS = {
     "kl_naive": (kl_inputs, naive_kl_step),
     "kl_fused": (kl_inputs, fused_kl_step),
     "mass_eager": (attention_inputs, eager_mass),
     "mass_lse": (attention_inputs, lse_mass),
     "mass_recompute": (attention_inputs, recompute_mass),
+    "kl_bf16_old": (kl_bf16_inputs, kl_bf16_old_step),
+    "kl_bf16_new": (kl_bf16_inputs, fused_kl_step),
+    "mass_bf16_old": (attention_bf16_inputs, lse_mass_old),
+    "mass_bf16_new": (attention_bf16_inputs, lse_mass),
 }
-GROUPS = {"kl": ["kl_naive", "kl_fused"], "mass": ["mass_eager", "mass_lse", "mass_recompute"]}
+GROUPS = {"kl": ["kl_naive", "kl_fused"], "mass": ["mass_eager", "mass_lse", "mass_recompute"],
+          "kl_bf16": ["kl_bf16_old", "kl_bf16_new"], "mass_bf16": ["mass_bf16_old", "mass_bf16_new"]}
 
 
 def run_worker(task: str, size: str) -> None:
@@ -162,6 +276,9 @@ def run_worker(task: str, size: str) -> None:
 
     s = SIZES[size]
     kind, name = task.split(":")
+    if kind == "accuracy":
+        print(json.dumps(sds_old_vs_new(s)))
+        return
     if kind == "memory":
         make, step = VARIANTS[name]
         inputs = make(s)
@@ -220,6 +337,25 @@ def main() -> None:
     for label, r in (("eager S x S softmax", eager), ("from kernel lse", with_lse), ("lse recomputed", recompute)):
         print(f"  {label:20s}: {r['time_s']:8.3f} s  peak {r['peak_mb']:8.1f} MB"
               f"  (x{r['time_s'] / eager['time_s']:.3f} time, x{r['peak_mb'] / eager['peak_mb']:.3f} memory)")
+    print(f"\n(3) old vs new (issue 25), bf16 V and table (V̂ fp32), B·m={rows}, d={s['d']}, N={s['vocab']}")
+    flops = {old: sds_gemm_flops(s, old) for old in (True, False)}
+    floor = 3 * 2 * rows * s["d"] * s["vocab"]
+    kl16 = measure_group("kl_bf16", size)
+    acc = run_worker_process("accuracy:kl_bf16", size)
+    old, new = kl16["kl_bf16_old"], kl16["kl_bf16_new"]
+    print(f"  L_sds GEMM FLOPs (flop_counter): old {flops[True] / 1e12:.3f} T (x{flops[True] / floor:.3f} the floor "
+          f"of three products), new {flops[False] / 1e12:.3f} T (x{flops[False] / floor:.3f}); new/old "
+          f"x{flops[False] / flops[True]:.3f}")
+    print(f"  L_sds CPU time (emulated 16-bit GEMMs): old {old['time_s']:.3f} s, new {new['time_s']:.3f} s, new/old "
+          f"x{new['time_s'] / old['time_s']:.3f}; peak old {old['peak_mb']:.1f} MB, new {new['peak_mb']:.1f} MB "
+          f"(x{new['peak_mb'] / old['peak_mb']:.3f})")
+    print(f"  new vs old (float64-exact to ~1e-6): loss {acc['loss_rel']:.2e} relative, gradient "
+          f"{acc['grad_rel_norm']:.2e} of its norm (bf16 unit roundoff 3.9e-3)")
+    m16 = measure_group("mass_bf16", size)
+    mo, mn = m16["mass_bf16_old"], m16["mass_bf16_new"]
+    print(f"  attention mass from the lse, bf16 q, k: old (fp32 copies) {mo['time_s']:.3f} s, new (16-bit operands, "
+          f"fp32 output) {mn['time_s']:.3f} s, new/old x{mn['time_s'] / mo['time_s']:.3f} on this CPU (same "
+          f"emulated arithmetic); peak x{mn['peak_mb'] / mo['peak_mb']:.3f}; GEMM operand bytes x0.5 on a GPU")
     print(f"\nload average at end: {os.getloadavg()}")
 
 

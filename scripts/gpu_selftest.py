@@ -950,6 +950,24 @@ def check_proxy(ctx: Ctx, out: Outcome) -> None:
     summary = (f"S={out.numbers['seq_length']} B={s['mbs']} step on/off {out.numbers['on_over_off']:.3f} "
                f"({1e3 * med['on']:.1f} / {1e3 * med['off']:.1f} ms); sync ops on {out.numbers['sync_ops_total']['on']}"
                f", off {out.numbers['sync_ops_total']['off']}")
+    # L_sds and the attention mass before issue 25 (hi/lo-split operands; fp32 copies of q, k) vs
+    # now, bf16 operands: L_sds's GEMM FLOPs counted on meta tensors (the ratio that
+    # scripts/bench_supervision.py prints), on a GPU also both times and new-vs-old accuracy.
+    import bench_supervision as sup  # loaded by bench_basic_step
+
+    shape = dict(batch=s["mbs"], m=(s["img"] // s["patch"]) ** 2, d=s["hidden"], vocab=s["vocab"])
+    old_f, new_f = sup.sds_gemm_flops(shape, old=True), sup.sds_gemm_flops(shape, old=False)
+    old_vs_new = {"sds_gemm_gflop_old": old_f / 1e9, "sds_gemm_gflop_new": new_f / 1e9,
+                  "sds_flops_new_over_old": new_f / old_f}
+    out.numbers["old_vs_new"] = old_vs_new
+    out.expect(new_f <= 4 / 3 * 3 * 2 * shape["batch"] * shape["m"] * shape["d"] * shape["vocab"],
+               f"L_sds GEMMs {new_f / 1e9:.1f} GFLOP exceed 4/3 of the three products")
+    summary += f"; L_sds GEMM FLOPs new/old {new_f / old_f:.3f}"
+    if not ctx.cpu:
+        old_vs_new.update(sup.old_vs_new_timed(shape, "cuda", lambda fn: statistics.median(cuda_time(fn, 5))))
+        summary += (f", time new/old {old_vs_new['sds_new_over_old']:.3f}; attention mass (bf16, S=2048) "
+                    f"new/old {old_vs_new['mass_new_over_old']:.3f}")
+        torch.cuda.empty_cache()
     if not ctx.cpu:
         memory, syncs = {}, {}
         for v in variants:
