@@ -98,6 +98,8 @@ def test_cpu_mode_numbers(cpu_run):
     proxy = by_name["proxy"]
     assert proxy["sizes"]["hidden"] == 256 and proxy["sizes"]["layers"] == 2
     assert set(proxy["sync_ops"]) == {"on", "off"} and all(v > 0 for v in proxy["step_ms_median"].values())
+    # L_sds's GEMMs with bf16 operands, before issue 25 (hi/lo: 5 products) and now (3)
+    assert proxy["old_vs_new"]["sds_flops_new_over_old"] == pytest.approx(3 / 5)
 
 
 def _fake_registry(selftest, monkeypatch, seconds: dict):
