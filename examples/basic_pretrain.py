@@ -13,34 +13,9 @@ examples/basic_finetune.py continues from it. The paper's recipes:
 
 Run again after an interruption and it resumes from the last checkpoint of the run.
 """
-from __future__ import annotations
-
-import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-
-def _quiet_console() -> None:
-    """Known harmless upstream warnings off the console (kept in the run folder): loaded from its
-    file, before the package is imported (its import imports torch, whose warnings it files away)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_nemo_basic_console",
-                                                  os.path.join(REPO, "nemo_basic", "recipes", "console.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    mod.install()
-
-
-def main(argv=None) -> int:
-    from nemo_basic.recipes.cli import main as cli_main
-
-    return cli_main(1, argv, description=__doc__.split("\n\n")[0])
-
+from _entry import run
 
 if __name__ == "__main__":
-    _quiet_console()
-    sys.exit(main())
+    sys.exit(run(1, __doc__))

@@ -15,13 +15,15 @@ import sys
 import tempfile
 import time
 
+from nemo_basic import console
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def say(msg: str) -> None:
-    print(f"[nemo_basic.analysis] {msg}", file=sys.stderr, flush=True)
+    console.say(msg, "nemo_basic.analysis", file=sys.stderr)
 
 
 def _layers(text: str) -> list:

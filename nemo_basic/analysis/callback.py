@@ -78,10 +78,9 @@ class AlignmentMonitor(_base()):
     def _processor(self, pl_module):
         vision = pl_module.config.vision_transformer_config
         if hasattr(vision, "image_size") and hasattr(vision, "image_processor"):  # HF tower
-            from nemo_basic.models.vision import processor_image_size
-            from nemo_basic.recipes.model import image_processor
+            from nemo_basic.models.vision import image_processor_for, processor_image_size
 
-            proc = image_processor(vision)
+            proc = image_processor_for(vision)
             return proc, int(processor_image_size(proc) or vision.image_size)
         return None, int(getattr(vision, "img_h"))
 

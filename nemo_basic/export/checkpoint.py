@@ -34,6 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
+from nemo_basic import console
+
 META_FILE = "nemo_basic.json"
 FORMAT = "nemo_basic.neva"
 VERSION = 1
@@ -42,8 +44,8 @@ _STACKED = re.compile(r"^(language_model\.decoder\.layers\.)(?!\d+\.)(.+)$")
 
 
 def say(msg: str) -> None:
-    """A progress line on stderr."""
-    print(f"[nemo_basic.export] {msg}", file=sys.stderr, flush=True)
+    """A progress line on stderr (`nemo_basic.console.say`)."""
+    console.say(msg, "nemo_basic.export", file=sys.stderr)
 
 
 class CheckpointError(FileNotFoundError):

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import math
 from typing import Callable, Optional
-from unittest import mock
 
 import torch
 
@@ -24,6 +23,7 @@ from nemo.collections.vlm.neva.data.multimodal_tokens import IGNORE_INDEX  # noq
 from nemo.collections.vlm.neva.model import base as neva_base  # noqa: E402
 from nemo.collections.vlm.neva.model.base import MCoreNevaModel, NevaConfig, NevaModel  # noqa: E402
 
+from nemo_basic.compat import neva_class  # noqa: E402
 from nemo_basic.models.basic_config import BasicConfig, BasicConfigError  # noqa: E402
 from nemo_basic.models import pipeline  # noqa: E402
 from nemo_basic.models.capture import AuxLossAutoScaler, SupervisionCapture, attach_lse_attention  # noqa: E402
@@ -419,10 +419,7 @@ class BasicNevaConfig(NevaConfig):
     def configure_model(self, tokenizer, vp_stage: Optional[int] = None) -> BasicMCoreNevaModel:
         self.propagate_precision()
         self.validate_basic()
-        # NevaConfig.configure_model adjusts the sub-configs, then calls the module-level name
-        # MCoreNevaModel(...); point that name at our subclass for the call, so the upstream
-        # construction logic is reused as is.
-        with mock.patch.object(neva_base, "MCoreNevaModel", BasicMCoreNevaModel):
+        with neva_class.builds(BasicMCoreNevaModel, neva_base):  # upstream builds a module-level name
             return super().configure_model(tokenizer, vp_stage=vp_stage)
 
 

@@ -279,17 +279,22 @@ def default_image_processor(config: HFVisionEncoderConfig):
 
 
 def image_processor_for(vision: HFVisionEncoderConfig | str | os.PathLike):
-    """The image processor for the data module: the directory's own, else the family default."""
+    """The image processor for the data module. For a tower config: its own processor (else the
+    family default) set to the tower's input size, resizing the square-padded image whole to that
+    side (no border crop), as ``model.image_size`` asks. For a directory: its own, else the family
+    default."""
     if isinstance(vision, HFVisionEncoderConfig):
-        proc = None
-        if vision.image_processor is not None:
-            proc = image_processor_from_dict(vision.image_processor)
+        proc = image_processor_from_dict(vision.image_processor) if vision.image_processor else None
         if proc is None:
-            proc = default_image_processor(vision)
-        size = processor_image_size(proc)
-        if size is not None and size != vision.image_size:
-            raise ValueError(f"the image processor produces {size} px images but the vision config expects "
-                             f"{vision.image_size} px")
+            return default_image_processor(vision)
+        n = vision.image_size
+        if processor_image_size(proc) != n:
+            size = getattr(proc, "size", None) or {}
+            proc.size = {"shortest_edge": n} if "shortest_edge" in size else {"height": n, "width": n}
+            if getattr(proc, "crop_size", None) is not None:
+                proc.crop_size = {"height": n, "width": n}
+        if processor_image_size(proc) != n:
+            raise ValueError(f"model.image_size = {n}: cannot make the image processor produce {n} px")
         return proc
     proc = load_image_processor(vision, required=False)
     return proc if proc is not None else default_image_processor(vision_config_from_hf(vision, load_weights=False))

@@ -44,7 +44,9 @@ def say(msg: str) -> None:
     if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
         logger.info(msg)
     else:
-        print(f"[nemo_basic.pretrained] {msg}", file=sys.stderr, flush=True)
+        from nemo_basic import console
+
+        console.say(msg, "nemo_basic.pretrained", file=sys.stderr)
 
 
 def cache_root() -> Path:

@@ -12,7 +12,8 @@ import sys
 import time
 from typing import Dict
 
-from nemo_basic.recipes.train import METRICS_FILE, RECORDS_DIR, say  # noqa: E402
+from nemo_basic.console import say
+from nemo_basic.recipes.records import METRICS_FILE, RECORDS_DIR
 
 LOSS_KEYS = {"lm loss": "lm_loss", "basic das loss": "basic_das_loss", "basic sds loss": "basic_sds_loss"}
 

@@ -40,6 +40,7 @@ def main(stage: int, argv: Optional[Sequence[str]] = None, description: str = ""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser(stage, description).parse_args(argv)
+    from nemo_basic.console import say
     from nemo_basic.recipes.schema import RecipeConfigError, load_config, to_yaml
 
     config_path = args.config or default_config(stage)
@@ -66,11 +67,9 @@ def main(stage: int, argv: Optional[Sequence[str]] = None, description: str = ""
             return 0
         summary = train.run(cfg)
     except RecipeConfigError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # the same on every rank: said once
-            print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", prefix="", file=sys.stderr)  # the same on every rank: said once
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(train.format_summary(summary), flush=True)
+    say(train.format_summary(summary), prefix="")
     if summary.get("preempted"):
         return train.preempted_exit_code(summary)  # non-zero: Slurm / NeMo-Run requeue the job
     return 0

@@ -8,15 +8,11 @@ import os
 import time
 from typing import List, Optional
 
+from nemo_basic.console import say
 from nemo_basic.recipes.schema import EMBEDDED_SCHEME, RecipeConfig, bad_value
 
 EMBEDDED_SPLITS = {"stage1": ("captions.json", "plain"), "stage2": ("instruct.json", "vicuna_v1")}
 EMBEDDED_DATA_VERSION = 1
-
-
-def _say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per rank
-        print(f"[nemo_basic.recipes] {msg}", flush=True)
 
 
 def embedded_data_root(cfg: RecipeConfig) -> str:
@@ -45,16 +41,16 @@ def prepare_embedded(cfg: RecipeConfig, split: str) -> str:
         t0 = time.time()
         raw = os.path.join(root, "raw")
         if not os.path.isfile(os.path.join(raw, ".nemo_basic_done")):
-            _say(f"generating the embedded data set in {raw} (one-time)")
+            say(f"generating the embedded data set in {raw} (one-time)")
             make_embedded_data(raw, seed=0, num_synthetic=cfg.data.embedded_num_synthetic, progress=False)
             open(os.path.join(raw, ".nemo_basic_done"), "w").close()
         json_name, template = EMBEDDED_SPLITS[split]
-        _say(f"converting {json_name} to shards in {shards} (one-time)")
+        say(f"converting {json_name} to shards in {shards} (one-time)")
         summary = prepare_llava_data(os.path.join(raw, json_name), os.path.join(raw, "images"), shards,
                                      template=template, overwrite=True, progress=False, workers=2)
         with open(done, "w") as f:
             json.dump({"records": getattr(summary, "written", None)}, f, default=str)
-        _say(f"embedded {split} data ready in {time.time() - t0:.1f} s")
+        say(f"embedded {split} data ready in {time.time() - t0:.1f} s")
     return shards
 
 

@@ -318,20 +318,10 @@ def build_model(cfg: RecipeConfig, runtime: dict, optim, llm_dir: Optional[str] 
 
 
 def image_processor(vision) -> Any:
-    """The vision tower's HF image processor at the tower's input size (``model.image_size``
-    resizes the square-padded image to that side, whole: no border crop)."""
-    from nemo_basic.models.vision import (default_image_processor, image_processor_from_dict,
-                                          processor_image_size)
+    """The vision tower's HF image processor at the tower's input size (`models.vision.image_processor_for`)."""
+    from nemo_basic.models.vision import image_processor_for
 
-    proc = image_processor_from_dict(vision.image_processor) if vision.image_processor else None
-    if proc is None:
-        return default_image_processor(vision)
-    n = vision.image_size
-    if processor_image_size(proc) != n:
-        size = getattr(proc, "size", None) or {}
-        proc.size = {"shortest_edge": n} if "shortest_edge" in size else {"height": n, "width": n}
-        if getattr(proc, "crop_size", None) is not None:
-            proc.crop_size = {"height": n, "width": n}
-    if processor_image_size(proc) != n:
-        raise RecipeConfigError(f"model.image_size = {n}: cannot make the image processor produce {n} px")
-    return proc
+    try:
+        return image_processor_for(vision)
+    except ValueError as e:
+        raise RecipeConfigError(str(e)) from None

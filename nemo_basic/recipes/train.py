@@ -17,18 +17,9 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
+from nemo_basic.console import rank, say
+from nemo_basic.recipes.records import METRICS_FILE, RECORDS_DIR, SUMMARY_FILE
 from nemo_basic.recipes.schema import RecipeConfig, RecipeConfigError, bad_value, resolve_runtime, to_yaml
-
-# NeMo's logger moves the files at the top of the run folder into run_<N>/ at every new job, so
-# the recipe's own records live in a sub-folder and span all the jobs of a run.
-RECORDS_DIR = "recipe"
-METRICS_FILE = os.path.join(RECORDS_DIR, "metrics.jsonl")
-SUMMARY_FILE = os.path.join(RECORDS_DIR, "summary.json")
-
-
-def say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[nemo_basic] {msg}", flush=True)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -92,7 +83,7 @@ def choose_resume(cfg: RecipeConfig, run_dir: str):
         return resume_mod.Choice(), []
     choice = resume_mod.choose(run_dir)
     moved = []
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank() == 0:
         for line in resume_mod.describe(choice, run_dir):
             say(line)
         moved = resume_mod.set_aside(run_dir, choice)
@@ -297,7 +288,7 @@ def run(cfg: RecipeConfig) -> dict:
            else "BASIC off"))
 
     os.makedirs(os.path.join(run_dir, RECORDS_DIR), exist_ok=True)
-    from nemo_basic.recipes import console
+    from nemo_basic import console
 
     console.keep_in(os.path.join(run_dir, RECORDS_DIR))  # the upstream messages kept off the console
     from nemo.utils.exp_manager import TimingCallback
@@ -364,7 +355,7 @@ def run(cfg: RecipeConfig) -> dict:
         "seconds": time.time() - t_start, "tensorboard": os.path.join(run_dir, "tb_logs"),
         "metrics": os.path.join(run_dir, METRICS_FILE), "parameters": params,
     }
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank() == 0:
         with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=1, default=str)
     return summary

@@ -51,3 +51,18 @@ def train(rank: int, world: int, tp: int, pp: int, steps: int, log_dir: str, see
     resume = nl.AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True)
     llm.train(model, tiny_neva.SyntheticNevaDataModule(), trainer, log=logger, resume=resume)
     return {"step": trainer.global_step, "losses": recorder.losses, "weights": weights(model)}
+
+
+def configure_classes(rank: int, world: int) -> list:
+    """The module classes NeVA's configure_model builds for our config and for NeVA's own."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from nemo_basic.models.neva import BasicNevaConfig
+    from nemo_basic.testing import tiny_neva
+
+    ps.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1)
+    ours = tiny_neva.tiny_neva_config(BasicNevaConfig).configure_model(tiny_neva.TinyTokenizer())
+    theirs = tiny_neva.tiny_neva_config().configure_model(tiny_neva.TinyTokenizer())
+    return [type(ours).__name__, type(theirs).__name__]

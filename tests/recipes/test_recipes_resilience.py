@@ -217,6 +217,11 @@ def test_console_keeps_known_upstream_warnings_in_the_run_folder(runs):
                     "The deploy module could not be imported"):
         assert message not in out and message in kept, message
     assert "[stage 1] step 12/12" in out and out.count("[stage 1] step 5/12 ") == 1  # each step printed once
+    # the quiet console (issue 23): NeMo's and Lightning's set-up chatter kept in the file, not printed
+    before_first_step = out[:out.index("[stage 1] step 1/12")].strip().splitlines()
+    assert len(before_first_step) <= 25, before_first_step
+    for chatter in ("megatron_init", "Setting up DistributedDataParallel", "Trainable params"):
+        assert chatter not in out and chatter in kept, chatter
 
 
 def test_a_fresh_start_refuses_a_folder_with_checkpoints(tmp_path):
