@@ -179,17 +179,16 @@ def text_to_image_attention(
             else:
                 row_lse = lse.gather(2, layout.text_index[:, None, :].expand(batch, heads, text_width)).float()
             col_mass = torch.zeros(batch, width, dtype=torch.float32, device=query.device)
-            img_pos = layout.image_index[:, None, :]                               # [B, 1, W]
-            blocked = ~layout.image_valid[:, None, :]
+            # Causal (a text row sees only earlier image keys), padded text rows and padded image
+            # slots: [B, T, W], built once per micro-batch (RowLayout caches it for the k layers).
+            blocked = layout.blocked_pairs
             step = _rows_per_chunk(batch * heads, width, chunk_rows)
             for start in range(0, text_width, step):
                 stop = min(start + step, text_width)
                 scores = _grouped_scores(q_txt[:, :, start:stop], k_img, scale)   # [B, H, c, W]
                 scores.sub_(row_lse[:, :, start:stop, None])
-                # Causal (a text row sees only earlier image keys), padded text rows and padded
-                # image slots: -inf *before* exp (exp of a masked score could overflow).
-                hidden = (img_pos > layout.text_index[:, start:stop, None]) | blocked \
-                    | ~layout.text_valid[:, start:stop, None]                      # [B, c, W]
+                # -inf *before* exp (exp of a masked score could overflow).
+                hidden = blocked[:, start:stop]                                    # [B, c, W]
                 col_mass += scores.masked_fill_(hidden[:, None], float("-inf")).exp_().sum(dim=(1, 2))
             # Padded slots point at non-image positions and carry exactly 0.
             mass.scatter_add_(1, layout.image_index, col_mass / head_norm)
