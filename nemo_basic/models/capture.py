@@ -199,12 +199,14 @@ def attach_lse_attention(core_attention: torch.nn.Module, capture: "SupervisionC
 
 
 def _accumulate(total: Optional[torch.Tensor], rows: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """total + weight·rows in fp32; in place (no new [B, W, h] buffer per layer) unless `total`
-    is part of a gradient graph (rows received from the previous pipeline stage, pipeline.unpack),
-    which is summed out of place as before."""
-    if total is None or total.requires_grad:
-        out = rows.float() * weight if weight != 1.0 else rows.float()
-        return out if total is None else total + out
+    """total + weight·rows in fp32, in place: no new [B, W, h] buffer per layer. The running sums
+    (target, mass) are constants of the losses (they read them detached), so a sum received from
+    the previous pipeline stage (pipeline.unpack: part of the received tensor's graph) is detached
+    into a buffer of its own by its first addition, and added into in place from then on."""
+    if total is None:
+        return rows.float() * weight if weight != 1.0 else rows.float()
+    if total.requires_grad:
+        return total.detach() + rows.float() * weight
     return total.add_(rows, alpha=weight)  # rows may be 16-bit: added in fp32, no fp32 copy
 
 

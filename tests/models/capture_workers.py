@@ -196,3 +196,31 @@ def sp_target(rank, world, k: int) -> dict:
            "tp": ps.get_tensor_model_parallel_world_size()}
     ps.destroy_model_parallel()
     return out
+
+
+def target_in_place(rank, world, k: int) -> dict:
+    """Without sequence parallelism: the target's storage after each layer 1..k (eq. 4's running
+    sum is added into one buffer), the target, and the hidden states for a reference."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_basic.models.capture import SupervisionCapture
+
+    W.tiny.init_parallel(1, 1)
+    seq, batch, hidden, vocab = 16, 3, 8, 20
+    pos = torch.arange(seq)
+    image = torch.stack([(pos >= 5) & (pos <= 10), torch.zeros(seq, dtype=torch.bool), (pos >= 9) & (pos <= 12)])
+    text = ~image & (pos < 15)
+    g = torch.Generator().manual_seed(12)
+    states = [torch.randn(seq, batch, hidden, generator=g) for _ in range(k)]
+    capture = SupervisionCapture(BasicConfig(layers=k, degree="equal", sds=False), num_layers=4, vocab_size=vocab)
+    capture.embedding = torch.randn(vocab, hidden, generator=g)
+    capture.begin(image, text)
+    capture.set_projected(torch.randn(seq, batch, hidden, generator=g).requires_grad_())
+    pointers = []
+    for layer in range(1, k + 1):
+        capture.after_layer(layer, states[layer - 1])
+        pointers.append(capture.target.data_ptr())
+    out = {"pointers": pointers, "target": capture.target.clone(), "states": states, "image_mask": image,
+           "width": capture.layout.width}
+    ps.destroy_model_parallel()
+    return out

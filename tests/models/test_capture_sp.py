@@ -37,3 +37,29 @@ def test_sequence_parallel_target_moves_only_image_rows_once(spawn, k):
         torch.testing.assert_close(r["target"].double(), want, rtol=1e-6, atol=1e-6)
     assert torch.equal(ranks[0]["target"], ranks[1]["target"])
     assert ranks[0]["das"].item() == ranks[1]["das"].item() > 0
+
+
+def test_target_is_summed_into_one_buffer(spawn):
+    """Eq. 4's running sum is added in place: one fp32 [B, W, h] buffer per micro-batch, not a
+    fresh one per layer; still the float64 reference's value."""
+    (r,) = spawn(CW.target_in_place, 1, 3)
+    assert len(set(r["pointers"])) == 1, r["pointers"]
+    want = _reference_target(r["states"], r["image_mask"], r["width"], 3)
+    torch.testing.assert_close(r["target"].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_received_sum_is_detached_once_then_added_in_place():
+    """On a pipeline stage that continues the sum (pipeline.unpack: a tensor in the received
+    activation's graph), the first addition makes a buffer of its own, later ones reuse it."""
+    from nemo_basic.models.capture import _accumulate
+
+    received = torch.randn(2, 3, 4, requires_grad=True)
+    total = received * 1.0  # as unpack returns it: in the graph of the received tensor
+    rows = [torch.randn(2, 3, 4, dtype=torch.bfloat16) for _ in range(3)]
+    first = _accumulate(total, rows[0], 0.25)
+    assert not first.requires_grad
+    second = _accumulate(first, rows[1], 0.5)
+    third = _accumulate(second, rows[2], 2.0)
+    assert second is first and third is first
+    want = received.detach().double() + sum(w * r.double() for w, r in zip((0.25, 0.5, 2.0), rows))
+    torch.testing.assert_close(third.double(), want, rtol=1e-6, atol=1e-6)
