@@ -11,6 +11,7 @@ CORE = [
     "torch>=2.4",
     "megatron-core>=0.15,<0.17",
     "omegaconf>=2.3",
+    "pydantic>=2.6,<3",  # the recipe schema (nemo_basic/recipes/schema.py)
     "webdataset>=0.2.86",
 ]
 

@@ -15,6 +15,24 @@ def test_bad_values_name_the_key(kwargs, key):
         BasicConfig(**kwargs)
 
 
+def test_one_declaration_for_plain_python_and_the_recipe():
+    """The recipe's basic: section is BasicConfig itself: same allowed values, same message."""
+    import os
+
+    from nemo_basic.models.basic_config import DEGREES, WEIGHTINGS
+    from nemo_basic.recipes.schema import RecipeConfigError, load_config
+
+    assert WEIGHTINGS == ("inc", "const", "dec") and DEGREES == ("attention", "equal")
+    conf = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "tiny.yaml")
+    assert isinstance(load_config(conf, ["basic.weighting=dec"]).basic, BasicConfig)
+    with pytest.raises(BasicConfigError) as plain:
+        BasicConfig(weighting="linear")
+    with pytest.raises(RecipeConfigError) as recipe:
+        load_config(conf, ["basic.weighting=linear"])
+    assert str(plain.value) == str(recipe.value) == \
+        "basic.weighting = 'linear' is invalid: expected one of inc | const | dec"
+
+
 def test_layers_checked_against_the_model():
     assert BasicConfig().num_supervision_layers(32) == 16   # 7B: k = L // 2
     assert BasicConfig().num_supervision_layers(40) == 20   # 13B

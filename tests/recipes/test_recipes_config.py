@@ -112,8 +112,8 @@ def test_ablation_switches():
     ("optim.lr=-1", "optim.lr = -1.0 is invalid: expected a number > 0"),
     ("trainer.precision=bf17", "trainer.precision = 'bf17' is invalid: expected one of auto | 32 | bf16-mixed | "
                                "16-mixed"),
-    ("basic.weighting=quadratic", "basic.weighting = 'quadratic' is invalid: expected inc | const | dec"),
-    ("basic.degree=uniform", "basic.degree = 'uniform' is invalid: expected attention | equal"),
+    ("basic.weighting=quadratic", "basic.weighting = 'quadratic' is invalid: expected one of inc | const | dec"),
+    ("basic.degree=uniform", "basic.degree = 'uniform' is invalid: expected one of attention | equal"),
     ("basic.das=maybe", "basic.das = 'maybe' is invalid: expected true or false"),
     ("basic.lambda_sds=-0.5", "basic.lambda_sds = -0.5 is invalid: expected a number >= 0"),
     ("data.template=chatml", "data.template = 'chatml' is invalid: expected one of null | plain | vicuna_v1"),
@@ -157,6 +157,43 @@ def test_13b_checks_with_pipeline_parallelism(stage, pipeline, spans):
     # the distributed optimizer's overlapped all-gather would hand the stage completing L_sds last
     # step's E when the LLM trains (stage 2) and k spans stages: off only there
     assert ddp_settings(cfg, runtime)["overlap_param_gather"] is not (stage == 2 and spans)
+
+
+@pytest.mark.parametrize("override,name", [("run.name=off", "off"), ("run.name=yes", "yes"), ("run.name=1e3", "1e3"),
+                                           ("run.name='no'", "no")])
+def test_text_keys_stay_text(override, name, tmp_path):
+    """YAML would read off/yes/1e3 as a boolean or a number; where the schema says string they stay text."""
+    cfg = load_config(BIG_7B, [override, f"run.log_dir={tmp_path}"], stage=1)
+    assert cfg.run.name == name and cfg.run_dir == os.path.join(str(tmp_path), name, "stage1")
+    yaml_file = tmp_path / "off.yaml"
+    yaml_file.write_text(f"base: {BIG_7B}\nrun:\n  name: off\ntrainer:\n  precision: 32\n")
+    cfg = load_config(str(yaml_file), ["trainer.accelerator=cpu"], stage=1)
+    assert cfg.run.name == "off" and cfg.trainer.precision == "32"
+    assert load_config(BIG_7B, ["trainer.precision=32"], stage=1).trainer.precision == "32"
+
+
+def test_booleans_and_text_are_not_numbers(tmp_path):
+    for override, message in [("trainer.max_steps=true", "trainer.max_steps = True is invalid"),
+                              ("optim.lr=abc", "optim.lr = 'abc' is invalid: expected a number > 0"),
+                              ("data.num_workers=1.5", "data.num_workers = 1.5 is invalid: expected an integer >= 0"),
+                              ("trainer=5", "trainer = 5 is invalid: expected a section (mapping of keys)")]:
+        with pytest.raises(RecipeConfigError) as e:
+            load_config(BIG_7B, [override], stage=1)
+        assert message in str(e.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {BIG_7B}\ntrainer:\n  max_stepz: 3\n")
+    with pytest.raises(RecipeConfigError, match=r"unknown key 'trainer\.max_stepz' \(did you mean 'trainer\."
+                                                r"max_steps'\?\) \[.*bad\.yaml\]"):
+        load_config(str(bad), stage=1)
+
+
+def test_help_config_lists_every_key():
+    from nemo_basic.recipes.schema import all_keys, describe_keys
+
+    text = describe_keys()
+    assert all(f"\n{key} = " in "\n" + text for key in all_keys())
+    assert "basic.weighting = 'inc': one of inc | const | dec\n    eq. 4 layer weights" in text
+    assert "trainer.max_steps = None: null (epochs over the data) or an integer >= 1" in text
 
 
 def test_machine_dependent_errors():
