@@ -22,3 +22,26 @@ def test_basic_adds_one_host_sync_per_micro_batch_on_every_stage(spawn, pp, k):
         assert on.get("h2d_copy", 0) == 0, r                 # no blocking host→device copy
     last = ranks[-1] if k > 2 else ranks[0]
     assert last["on"]["logged"] == MICRO_BATCHES  # the losses were computed: the capture was live
+
+
+def test_counter_sees_blocking_copies_of_host_tensors():
+    """A CPU tensor copied to another device (meta stands in for CUDA) without non_blocking is a
+    sync (CUDA copies it and synchronises the stream); non-blocking or host-to-host copies are not."""
+    import torch
+
+    from nemo_basic.testing.syncs import count_host_syncs
+
+    x = torch.arange(6)
+    on_device = torch.empty(6, dtype=torch.long, device="meta")
+    with count_host_syncs() as counter:
+        x.to("meta")
+        x.to("meta", torch.float32)
+        on_device.copy_(x)
+    assert dict(counter.counts) == {"h2d_copy": 3}
+    with count_host_syncs() as counter:
+        x.to("meta", non_blocking=True)
+        on_device.copy_(x, non_blocking=True)
+        x.to(torch.float64)
+        x.clone().copy_(x)
+        on_device.to("meta", torch.float32)  # device to device
+    assert dict(counter.counts) == {}
