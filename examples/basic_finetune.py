@@ -13,9 +13,11 @@ recipes:
 ``checkpoint.init_from`` picks the stage-1 checkpoint (auto: the same run's stage1 folder).
 Run again after an interruption and it resumes from the last stage-2 checkpoint.
 """
+import os
 import sys
 
-from _entry import run
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under runpy / another cwd
+from _entry import run  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run(2, __doc__))

@@ -13,9 +13,11 @@ examples/basic_finetune.py continues from it. The paper's recipes:
 
 Run again after an interruption and it resumes from the last checkpoint of the run.
 """
+import os
 import sys
 
-from _entry import run
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under runpy / another cwd
+from _entry import run  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run(1, __doc__))

@@ -461,13 +461,13 @@ def _capture_run(ctx: Ctx, workers, basic, spec: Optional[str], state=None):
 
     import torch
     from nemo_basic.models import specs
-    from nemo_basic.testing import tiny, tiny_neva
+    from nemo_basic.testing import tiny
 
     reset_parallel_state()
     patch = contextlib.nullcontext()
-    if spec is not None:  # tiny_neva builds its GPT layers with specs.language_layer_spec()
-        patch = mock.patch.object(tiny_neva, "language_layer_spec",
-                                  functools.partial(specs.language_layer_spec, use_te=(spec == "te")))
+    if spec is not None:  # the tiny models look specs.language_layer_spec up when they build their GPT layers
+        chosen, use_te = specs.language_layer_spec, spec == "te"  # over the caller's own use_te
+        patch = mock.patch.object(specs, "language_layer_spec", lambda *a, **k: chosen(*a, **{**k, "use_te": use_te}))
     with patch:
         model = workers.build(basic, micro_batch_size=2, init_method_std=0.3)
     if state is not None:

@@ -25,10 +25,12 @@ def parser(stage: int, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="overrides: key=value in omegaconf dotlist syntax, e.g. trainer.max_steps=2 basic.das=false "
-               "model.llm_path=/models/vicuna-7b-v1.5 (see nemo_basic/recipes/schema.py for every key)")
+               "model.llm_path=/models/vicuna-7b-v1.5 (--help-config lists every key)")
     p.add_argument("--config", default=None,
                    help=f"recipe YAML (default: {DEFAULT_CONFIGS[stage]}, the embedded CPU run)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every configuration key with its allowed values, default and meaning, and exit")
     p.add_argument("--check", action="store_true",
                    help="validate the configuration against the model's shape and this machine, print the "
                         "architecture and parameter counts, and exit without training")
@@ -40,14 +42,20 @@ def main(stage: int, argv: Optional[Sequence[str]] = None, description: str = ""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser(stage, description).parse_args(argv)
+    from nemo_basic import console
     from nemo_basic.console import say
-    from nemo_basic.recipes.schema import RecipeConfigError, load_config, to_yaml
+    from nemo_basic.recipes.schema import RecipeConfigError, describe_keys, load_config, to_yaml
+
+    if args.help_config:
+        print(describe_keys())
+        return 0
 
     config_path = args.config or default_config(stage)
     if not os.path.isfile(config_path) and os.path.isfile(os.path.join(REPO, config_path)):
         config_path = os.path.join(REPO, config_path)  # conf/X.yaml from any working directory
     try:
         cfg = load_config(config_path, args.overrides, stage=stage)
+        console.set_verbose(cfg.run.verbose)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
@@ -56,13 +64,13 @@ def main(stage: int, argv: Optional[Sequence[str]] = None, description: str = ""
         if args.check:
             runtime = train.preflight(cfg, require_files=False, assume_target=True)
             print(f"configuration OK: {config_path}")
-            print(runtime["arch"].summary())
+            print(runtime.arch.summary())
             keys = ("accelerator", "devices", "precision", "distributed_optimizer", "data_parallel",
                     "grad_accumulation", "init_from")
-            print("runtime: " + ", ".join(f"{k} {runtime[k]}" for k in keys))
-            for note in runtime["notes"]:
+            print("runtime: " + ", ".join(f"{k} {getattr(runtime, k)}" for k in keys))
+            for note in runtime.notes:
                 print(f"note: {note}")
-            for reason in runtime["blockers"]:
+            for reason in runtime.blockers:
                 print(f"cannot train yet: {reason}")
             return 0
         summary = train.run(cfg)

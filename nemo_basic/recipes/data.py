@@ -9,7 +9,7 @@ import time
 from typing import List, Optional
 
 from nemo_basic.console import say
-from nemo_basic.recipes.schema import EMBEDDED_SCHEME, RecipeConfig, bad_value
+from nemo_basic.recipes.schema import EMBEDDED_SCHEME, RecipeConfig, Runtime, bad_value
 
 EMBEDDED_SPLITS = {"stage1": ("captions.json", "plain"), "stage2": ("instruct.json", "vicuna_v1")}
 EMBEDDED_DATA_VERSION = 1
@@ -113,7 +113,7 @@ def steps_for(cfg: RecipeConfig, records: Optional[int]) -> int:
     return max(1, math.ceil(cfg.trainer.epochs * records / cfg.data.global_batch_size))
 
 
-def build_data(cfg: RecipeConfig, runtime: dict, tokenizer=None, image_processor=None, img_seq_len: int = 0,
+def build_data(cfg: RecipeConfig, runtime: Runtime, tokenizer=None, image_processor=None, img_seq_len: int = 0,
                paths: Optional[List[str]] = None, max_steps: Optional[int] = None):
     d = cfg.data
     if cfg.model.type == "tiny":

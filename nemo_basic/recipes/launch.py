@@ -138,8 +138,8 @@ def validate(stage: int, config: str, overrides: Sequence[str], nodes: int, gpus
     if cfg.trainer.accelerator == "auto":
         cfg.trainer.accelerator = "gpu"
     runtime = train.preflight(cfg, require_files=False, assume_target=True)
-    if runtime["blockers"]:
-        raise SystemExit("error: " + "; ".join(runtime["blockers"]))
+    if runtime.blockers:
+        raise SystemExit("error: " + "; ".join(runtime.blockers))
 
 
 def _relative_config(config: str) -> str:

@@ -19,7 +19,7 @@ import tempfile
 from typing import Any, Optional
 
 from nemo_basic.recipes import presets
-from nemo_basic.recipes.schema import EMBEDDED_SCHEME, RecipeConfig, RecipeConfigError, bad_value
+from nemo_basic.recipes.schema import EMBEDDED_SCHEME, RecipeConfig, RecipeConfigError, Runtime, bad_value
 
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm", "nemo_basic.pretrained:smollm2_dir"),
@@ -138,7 +138,7 @@ def architecture(cfg: RecipeConfig, tensor_parallel: Optional[int] = None) -> Ar
             m.projector, vision["hidden_size"], llm["hidden_size"]), padded_vocab=padded)
 
 
-def check_model(cfg: RecipeConfig, runtime: Optional[dict] = None) -> Architecture:
+def check_model(cfg: RecipeConfig, runtime: Optional[Runtime] = None) -> Architecture:
     """Validate the settings that depend on the model's shape; returns the architecture."""
     arch = architecture(cfg)
     m, p, llm, vision = cfg.model, cfg.parallel, arch.llm, arch.vision
@@ -217,7 +217,7 @@ def training_blockers(cfg: RecipeConfig, arch: Architecture) -> list:
 
 
 # -- config and module ------------------------------------------------------------------------------------------
-def _apply_common(config, cfg: RecipeConfig, runtime: dict):
+def _apply_common(config, cfg: RecipeConfig, runtime: Runtime):
     import torch
 
     m = cfg.model
@@ -230,7 +230,7 @@ def _apply_common(config, cfg: RecipeConfig, runtime: dict):
     config.tensor_model_parallel_size = cfg.parallel.tensor
     config.pipeline_model_parallel_size = cfg.parallel.pipeline
     config.sequence_parallel = cfg.parallel.sequence_parallel
-    dtype = torch.bfloat16 if runtime.get("precision") == "bf16-mixed" else torch.float32
+    dtype = torch.bfloat16 if runtime.precision == "bf16-mixed" else torch.float32
     lm = config.language_transformer_config
     lm.pipeline_dtype = dtype
     config.pipeline_dtype = dtype
@@ -239,7 +239,7 @@ def _apply_common(config, cfg: RecipeConfig, runtime: dict):
     return config
 
 
-def build_model_config(cfg: RecipeConfig, runtime: dict, llm_dir: Optional[str] = None,
+def build_model_config(cfg: RecipeConfig, runtime: Runtime, llm_dir: Optional[str] = None,
                        vision_dir: Optional[str] = None, load_vision_weights: bool = True):
     """The `BasicNevaConfig` of the recipe (nothing is allocated; the vision tower reads its
     weights from ``vision_dir`` when the model is built, unless ``load_vision_weights`` is off)."""
@@ -284,24 +284,13 @@ def preset_dirs(cfg: RecipeConfig, root: Optional[str] = None) -> tuple[str, str
     return out[0], out[1]
 
 
-def count_parameters(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def recipe_model_class():
-    """`RecipeNevaModel` (its module imports NeMo, so it is imported only when a run starts)."""
-    from nemo_basic.recipes.module import RecipeNevaModel
-
-    return RecipeNevaModel
-
-
-def build_model(cfg: RecipeConfig, runtime: dict, optim, llm_dir: Optional[str] = None,
+def build_model(cfg: RecipeConfig, runtime: Runtime, optim, llm_dir: Optional[str] = None,
                 vision_dir: Optional[str] = None):
     """(Lightning module, tokenizer, image processor) for the recipe; weights are allocated later,
     by the strategy (``configure_model``)."""
     arch = architecture(cfg)
     config = build_model_config(cfg, runtime, llm_dir, vision_dir)
-    cls = recipe_model_class()
+    from nemo_basic.recipes.module import RecipeNevaModel as cls  # imports NeMo: only when a run starts
     if cfg.model.type == "tiny":
         from nemo_basic.models import tiny
 

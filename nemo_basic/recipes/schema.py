@@ -52,6 +52,8 @@ class RunConfig(Section):
                                 null="set by the entry point", ge=1, le=2)
     log_dir: Text = knob("runs", "root folder of the runs (relative paths: to the working directory)")
     seed: int = knob(1234, "seed of the model initialisation and the data order", ge=0)
+    verbose: bool = knob(False, "print NeMo's, Megatron's and Lightning's set-up messages and every rank's output "
+                                "(false: they go to <run folder>/recipe/console-filtered-rank<R>.txt)")
 
 
 class ModelConfig(Section):
@@ -424,7 +426,29 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     return cfg
 
 
-def resolve_runtime(cfg: RecipeConfig, cuda: bool, gpus_per_node: int = 0) -> dict:
+@dataclasses.dataclass
+class Runtime:
+    """The run's facts on this machine: `resolve_runtime` decides the first seven, the recipe's
+    preflight (`nemo_basic.recipes.train.preflight`) adds the rest."""
+
+    accelerator: str                 # cpu | gpu
+    devices: int                     # processes per node
+    precision: str                   # 32 | bf16-mixed | 16-mixed
+    distributed_optimizer: bool
+    data_parallel: int
+    world_size: int
+    grad_accumulation: int           # micro-batches per step and data-parallel rank
+    init_from: Optional[str] = None  # stage 2: the stage-1 checkpoint it starts from
+    arch: Any = None                 # nemo_basic.recipes.model.Architecture
+    blockers: List[str] = dataclasses.field(default_factory=list)  # why it cannot train (valid config)
+    notes: List[str] = dataclasses.field(default_factory=list)     # what --check could not see here
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.accelerator == "gpu"
+
+
+def resolve_runtime(cfg: RecipeConfig, cuda: bool, gpus_per_node: int = 0) -> Runtime:
     """Accelerator, devices, precision and distributed optimizer for this machine; checks what
     the CPU backend cannot do (bf16, FP8, distributed optimizer and sequence parallelism need CUDA)."""
     t, p = cfg.trainer, cfg.parallel
@@ -457,6 +481,6 @@ def resolve_runtime(cfg: RecipeConfig, cuda: bool, gpus_per_node: int = 0) -> di
     if d.global_batch_size % (d.micro_batch_size * dp):
         raise bad_value("data.global_batch_size", d.global_batch_size,
                         f"a multiple of micro_batch_size x data-parallel size = {d.micro_batch_size} x {dp}")
-    return {"accelerator": accelerator, "devices": devices, "precision": precision,
-            "distributed_optimizer": dist_opt, "data_parallel": dp, "world_size": world,
-            "grad_accumulation": d.global_batch_size // (d.micro_batch_size * dp)}
+    return Runtime(accelerator=accelerator, devices=devices, precision=precision, distributed_optimizer=dist_opt,
+                   data_parallel=dp, world_size=world,
+                   grad_accumulation=d.global_batch_size // (d.micro_batch_size * dp))

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from nemo_basic.console import rank, say
 from nemo_basic.recipes.records import METRICS_FILE, RECORDS_DIR, SUMMARY_FILE
-from nemo_basic.recipes.schema import RecipeConfig, RecipeConfigError, bad_value, resolve_runtime, to_yaml
+from nemo_basic.recipes.schema import RecipeConfig, RecipeConfigError, Runtime, bad_value, resolve_runtime, to_yaml
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -106,14 +106,14 @@ def _load_failure(run_dir: str, ckpt: str, e: BaseException) -> str:
 
 
 # -- NeMo objects ---------------------------------------------------------------------------------------------
-def build_optim(cfg: RecipeConfig, runtime: dict, max_steps: int):
+def build_optim(cfg: RecipeConfig, runtime: Runtime, max_steps: int):
     import torch
     from megatron.core.optimizer import OptimizerConfig
     from nemo import lightning as nl
 
     o = cfg.optim
-    bf16 = runtime["precision"] == "bf16-mixed"
-    fp16 = runtime["precision"] == "16-mixed"
+    bf16 = runtime.precision == "bf16-mixed"
+    fp16 = runtime.precision == "16-mixed"
     warmup = o.warmup_steps if o.warmup_steps is not None else math.ceil(o.warmup_ratio * max_steps)
     warmup = min(warmup, max(0, max_steps - 1))
     opt = OptimizerConfig(
@@ -121,22 +121,22 @@ def build_optim(cfg: RecipeConfig, runtime: dict, max_steps: int):
         lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
         adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16, fp16=fp16,
         params_dtype=torch.bfloat16 if bf16 else (torch.float16 if fp16 else torch.float32),
-        use_distributed_optimizer=runtime["distributed_optimizer"])
+        use_distributed_optimizer=runtime.distributed_optimizer)
     sched = nl.lr_scheduler.CosineAnnealingScheduler(max_steps=max_steps, warmup_steps=warmup, constant_steps=0,
                                                      min_lr=o.min_lr)
     return nl.MegatronOptimizerModule(config=opt, lr_scheduler=sched), warmup
 
 
-def precision_plugin(cfg: RecipeConfig, runtime: dict):
+def precision_plugin(cfg: RecipeConfig, runtime: Runtime):
     """NeMo's MegatronMixedPrecision for the run: fp32, bf16-mixed, or bf16 with FP8 GEMMs."""
     import torch
     from nemo import lightning as nl
 
     t = cfg.trainer
-    dtype = torch.bfloat16 if runtime["precision"] == "bf16-mixed" else torch.float32
-    if runtime["precision"] == "32":
+    dtype = torch.bfloat16 if runtime.precision == "bf16-mixed" else torch.float32
+    if runtime.precision == "32":
         return nl.MegatronMixedPrecision(precision="32")
-    kw = dict(precision=runtime["precision"], params_dtype=dtype, pipeline_dtype=dtype, autocast_enabled=False,
+    kw = dict(precision=runtime.precision, params_dtype=dtype, pipeline_dtype=dtype, autocast_enabled=False,
               grad_reduce_in_fp32=True)
     if t.fp8 is not None:  # as NeMo's bf16_with_fp8_mixed recipe, but FP8 weights only when asked:
         # NeMo turns fp8_param_gather into fp8_param (FP8 primary weights), which NeVA never ran
@@ -145,27 +145,27 @@ def precision_plugin(cfg: RecipeConfig, runtime: dict):
     return nl.MegatronMixedPrecision(**kw)
 
 
-def ddp_settings(cfg: RecipeConfig, runtime: dict) -> Dict[str, Any]:
+def ddp_settings(cfg: RecipeConfig, runtime: Runtime) -> Dict[str, Any]:
     """Megatron DDP's settings on GPUs. The overlapped parameter all-gather of the distributed
     optimizer is turned off when layers 1..k span pipeline stages while the LLM trains: the stage
     that completes L_sds copies E from the first stage at the start of each step
     (`nemo_basic.models.pipeline.EmbeddingSync`), and with the overlap E's update of the last step
     is gathered only during this step's forward, so the copy would lag one step."""
     p = cfg.parallel
-    arch = runtime.get("arch")
+    arch = runtime.arch
     lagging_copy = bool(arch is not None and arch.spans_stages and not cfg.freeze_language_model)
     return dict(check_for_nan_in_grad=True, grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
-                overlap_param_gather=p.overlap_param_gather and runtime["distributed_optimizer"] and not lagging_copy,
-                average_in_collective=True, use_distributed_optimizer=runtime["distributed_optimizer"])
+                overlap_param_gather=p.overlap_param_gather and runtime.distributed_optimizer and not lagging_copy,
+                average_in_collective=True, use_distributed_optimizer=runtime.distributed_optimizer)
 
 
-def build_trainer(cfg: RecipeConfig, runtime: dict, max_steps: int, callbacks: list):
+def build_trainer(cfg: RecipeConfig, runtime: Runtime, max_steps: int, callbacks: list):
     import torch
     from nemo import lightning as nl
 
     p, t = cfg.parallel, cfg.trainer
-    on_gpu = runtime["accelerator"] == "gpu"
-    dtype = torch.bfloat16 if runtime["precision"] == "bf16-mixed" else torch.float32
+    on_gpu = runtime.accelerator == "gpu"
+    dtype = torch.bfloat16 if runtime.precision == "bf16-mixed" else torch.float32
     strategy_kw: Dict[str, Any] = dict(
         tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
         sequence_parallel=p.sequence_parallel, pipeline_dtype=dtype, ckpt_async_save=cfg.checkpoint.async_save,
@@ -179,7 +179,7 @@ def build_trainer(cfg: RecipeConfig, runtime: dict, max_steps: int, callbacks: l
     strategy = nl.MegatronStrategy(**strategy_kw)
     plugin = precision_plugin(cfg, runtime)
     return nl.Trainer(
-        accelerator=runtime["accelerator"], devices=runtime["devices"], num_nodes=t.num_nodes, max_steps=max_steps,
+        accelerator=runtime.accelerator, devices=runtime.devices, num_nodes=t.num_nodes, max_steps=max_steps,
         strategy=strategy, plugins=plugin, callbacks=callbacks, log_every_n_steps=t.log_every_n_steps,
         limit_val_batches=0, num_sanity_val_steps=0,
         enable_progress_bar=t.progress_bar, use_distributed_sampler=False)
@@ -201,8 +201,8 @@ def build_logger(cfg: RecipeConfig, max_steps: int):
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-def preflight(cfg: RecipeConfig, require_files: bool = True, assume_target: bool = False) -> dict:
-    """Every check that needs neither weights nor data loading: returns the runtime settings.
+def preflight(cfg: RecipeConfig, require_files: bool = True, assume_target: bool = False) -> Runtime:
+    """Every check that needs neither weights nor data loading: returns the run's facts.
 
     ``require_files=False`` (``--check``) skips the checks of checkpoint and data paths (placeholders
     in the paper's configs) and of the stage-1 checkpoint; ``assume_target=True`` checks a GPU
@@ -221,7 +221,7 @@ def preflight(cfg: RecipeConfig, require_files: bool = True, assume_target: bool
     model_mod.check_model(cfg)  # the configuration's own errors first, then this machine's
     runtime = resolve_runtime(cfg, cuda, gpus)
     arch = model_mod.check_model(cfg, runtime if not notes else None)
-    runtime["init_from"] = None
+    runtime.init_from = None
     if cfg.model.type == "hf":
         for key in ("llm_path", "vision_path"):
             path = getattr(cfg.model, key)
@@ -232,14 +232,14 @@ def preflight(cfg: RecipeConfig, require_files: bool = True, assume_target: bool
                 notes.append(f"model.{key} = {path!r} does not exist here (architecture from the preset)")
     try:
         data_mod.check_data_paths(cfg)
-        runtime["init_from"] = resolve_init_from(cfg)
+        runtime.init_from = resolve_init_from(cfg)
     except RecipeConfigError as e:
         if require_files:
             raise
         notes.append(str(e))
-    runtime["arch"] = arch
-    runtime["blockers"] = model_mod.training_blockers(cfg, arch)
-    runtime["notes"] = notes
+    runtime.arch = arch
+    runtime.blockers = model_mod.training_blockers(cfg, arch)
+    runtime.notes = notes
     return runtime
 
 
@@ -247,14 +247,14 @@ def run(cfg: RecipeConfig) -> dict:
     """Train the recipe; returns the summary (also written to ``<run_dir>/summary.json``)."""
     t_start = time.time()
     runtime = preflight(cfg)
-    if runtime["blockers"]:
-        raise RecipeConfigError("; ".join(runtime["blockers"]))
-    arch = runtime["arch"]
+    if runtime.blockers:
+        raise RecipeConfigError("; ".join(runtime.blockers))
+    arch = runtime.arch
     run_dir = cfg.run_dir
-    say(f"stage {cfg.run.stage} '{cfg.run.name}' on {runtime['world_size']} x {runtime['accelerator']} "
-        f"(TP {cfg.parallel.tensor}, PP {cfg.parallel.pipeline}, DP {runtime['data_parallel']}; "
-        f"{runtime['precision']}{', fp8 ' + cfg.trainer.fp8 if cfg.trainer.fp8 else ''}"
-        f"{', distributed optimizer' if runtime['distributed_optimizer'] else ''}); run folder {run_dir}")
+    say(f"stage {cfg.run.stage} '{cfg.run.name}' on {runtime.world_size} x {runtime.accelerator} "
+        f"(TP {cfg.parallel.tensor}, PP {cfg.parallel.pipeline}, DP {runtime.data_parallel}; "
+        f"{runtime.precision}{', fp8 ' + cfg.trainer.fp8 if cfg.trainer.fp8 else ''}"
+        f"{', distributed optimizer' if runtime.distributed_optimizer else ''}); run folder {run_dir}")
     say(arch.summary())
     choice, set_aside = choose_resume(cfg, run_dir)  # before anything heavy: which checkpoint, and why
 
@@ -297,7 +297,7 @@ def run(cfg: RecipeConfig) -> dict:
 
     progress = RecipeProgress(stage=cfg.run.stage, max_steps=max_steps, run_dir=run_dir,
                               log_every_n_steps=cfg.trainer.log_every_n_steps,
-                              global_batch_size=cfg.data.global_batch_size, data_parallel=runtime["data_parallel"],
+                              global_batch_size=cfg.data.global_batch_size, data_parallel=runtime.data_parallel,
                               config_yaml=to_yaml(cfg))
     preemption = Preemption(stage=cfg.run.stage, run_dir=run_dir)
     callbacks = [progress, TimingCallback(), preemption]
@@ -315,13 +315,13 @@ def run(cfg: RecipeConfig) -> dict:
     history, params = progress.history, progress.params
     logger = build_logger(cfg, max_steps)
     restore = None
-    if runtime["init_from"]:
+    if runtime.init_from:
         from nemo.lightning.pytorch.strategies.utils import RestoreConfig
 
-        restore = RestoreConfig(path=runtime["init_from"], load_model_state=True, load_optim_state=False,
+        restore = RestoreConfig(path=runtime.init_from, load_model_state=True, load_optim_state=False,
                                 load_artifacts=False)
         if not checkpoints_in(run_dir):
-            say(f"stage 2 starts from the stage-1 checkpoint {runtime['init_from']}")
+            say(f"stage 2 starts from the stage-1 checkpoint {runtime.init_from}")
     resume = nl.AutoResume(resume_if_exists=cfg.checkpoint.resume, resume_ignore_no_checkpoint=True,
                            restore_config=restore, resume_from_path=choice.chosen)
     if choice.chosen:
@@ -349,7 +349,7 @@ def run(cfg: RecipeConfig) -> dict:
     summary = {
         "stage": cfg.run.stage, "run_dir": run_dir, "steps_done": trainer.global_step, "max_steps": max_steps,
         "steps_this_job": len(history) and (history[-1]["step"] - (history[0]["step"] - 1)),
-        "resumed_from": before, "init_from": runtime["init_from"], "checkpoint": ckpt,
+        "resumed_from": before, "init_from": runtime.init_from, "checkpoint": ckpt,
         "set_aside": set_aside, "preempted": preemption.preempted,
         "first": history[0] if history else None, "last": history[-1] if history else None,
         "seconds": time.time() - t_start, "tensorboard": os.path.join(run_dir, "tb_logs"),

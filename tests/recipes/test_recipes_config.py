@@ -54,7 +54,7 @@ def test_every_config_loads_and_validates(path):
             assert cfg.freeze_language_model == (stage == 1) and cfg.model.freeze_vision_model
             assert cfg.template == ("plain" if stage == 1 else "vicuna_v1")
         if cfg.trainer.accelerator == "gpu":
-            assert runtime["precision"] == "bf16-mixed" and runtime["distributed_optimizer"]
+            assert runtime.precision == "bf16-mixed" and runtime.distributed_optimizer
             assert cfg.data.global_batch_size == (256 if stage == 1 else 128)
             assert cfg.trainer.max_steps is None and cfg.trainer.epochs == 1
             # a 2-node version of every GPU recipe still divides the batch
@@ -75,13 +75,13 @@ def test_paper_settings(name, stage, k, layers, tp, img):
     assert (arch.k, arch.num_layers, cfg.parallel.tensor, arch.img_seq_len) == (k, layers, tp, img)
     runtime = runtime_for(cfg)
     if cfg.trainer.accelerator == "gpu":
-        assert runtime["world_size"] == 8 and runtime["data_parallel"] == 8 // tp
+        assert runtime.world_size == 8 and runtime.data_parallel == 8 // tp
 
 
 def test_fp8_switch():
     cfg = load_config(os.path.join(REPO, "conf", "llava15_7b_stage2_fp8.yaml"), stage=2)
     assert cfg.trainer.fp8 == "hybrid" and cfg.parallel.distributed_optimizer
-    assert runtime_for(cfg)["precision"] == "bf16-mixed"
+    assert runtime_for(cfg).precision == "bf16-mixed"
     assert load_config(BIG_7B, ["trainer.fp8=hybrid"], stage=1).trainer.fp8 == "hybrid"
     cfg = load_config(os.path.join(REPO, "conf", "tiny.yaml"), ["trainer.fp8=hybrid"], stage=1)
     with pytest.raises(RecipeConfigError, match=r"trainer\.fp8 = 'hybrid' is invalid.*Transformer Engine"):
@@ -152,8 +152,8 @@ def test_13b_checks_with_pipeline_parallelism(stage, pipeline, spans):
     extra = ["parallel.sequence_parallel=false", "trainer.num_nodes=2"] if stage == 2 else []
     cfg = load_config(path, [f"parallel.pipeline={pipeline}", *extra], stage=stage)
     runtime = preflight(cfg, require_files=False, assume_target=True)
-    assert runtime["arch"].k == 20 and runtime["arch"].spans_stages is spans
-    assert not runtime["blockers"]
+    assert runtime.arch.k == 20 and runtime.arch.spans_stages is spans
+    assert not runtime.blockers
     # the distributed optimizer's overlapped all-gather would hand the stage completing L_sds last
     # step's E when the LLM trains (stage 2) and k spans stages: off only there
     assert ddp_settings(cfg, runtime)["overlap_param_gather"] is not (stage == 2 and spans)
@@ -244,7 +244,10 @@ def test_fp8_primary_weights_only_when_asked():
     fp8_param → TE's fp8_model_init), never run with NeVA, need trainer.fp8_param=true."""
     from nemo_basic.recipes import train
 
-    gpu = dict(accelerator="gpu", devices=8, precision="bf16-mixed", distributed_optimizer=True)
+    from nemo_basic.recipes.schema import Runtime
+
+    gpu = Runtime(accelerator="gpu", devices=8, precision="bf16-mixed", distributed_optimizer=True, data_parallel=8,
+                  world_size=8, grad_accumulation=1)
     fp8 = os.path.join(REPO, "conf", "llava15_7b_stage2_fp8.yaml")
     plugin = train.precision_plugin(load_config(fp8, stage=2), gpu)
     assert (plugin.dtype_config.fp8, plugin.dtype_config.fp8_param_gather, plugin.dtype_config.fp8_param) == (
@@ -261,7 +264,10 @@ def test_fp8_primary_weights_only_when_asked():
 def test_cuda_without_te_refuses_what_needs_te(override, key):
     """On a CUDA machine without Transformer Engine (here: no TE either) FP8 and sequence
     parallelism are refused by key before anything is built; bf16 on the local spec is not."""
-    gpu = dict(accelerator="gpu", devices=8, precision="bf16-mixed", distributed_optimizer=True)
+    from nemo_basic.recipes.schema import Runtime
+
+    gpu = Runtime(accelerator="gpu", devices=8, precision="bf16-mixed", distributed_optimizer=True, data_parallel=4,
+                  world_size=8, grad_accumulation=1)
     cfg = load_config(BIG_7B, ["parallel.tensor=2", override], stage=1)
     with pytest.raises(RecipeConfigError, match=rf"{key} = .* is invalid.*Transformer Engine"):
         M.check_model(cfg, gpu)
