@@ -4,6 +4,7 @@
   python scripts/bench_basic_step.py            # 7B-shaped CPU proxy, stage 1 and stage 2 freezing
   python scripts/bench_basic_step.py --quick    # small sizes, a smoke run of a minute or two
   python scripts/bench_basic_step.py --stages 1 # one freezing regime only
+  python scripts/bench_basic_step.py --flops-only  # the FLOP counts only (no timing: a shared machine)
   python scripts/bench_basic_step.py --model 7b # LLaVA-1.5-7B FLOP / collective-byte model, no weights
                                                 # (scripts/flops_7b.py), old vs new (issue 25)
 
@@ -438,7 +439,7 @@ def flops_estimate(s: dict, stage: int) -> dict:
     return {"step": step, "sds": sds, "mass": mass, "S": S, "m": m}
 
 
-def report_stage(size: str, stage: int, reps: int) -> None:
+def report_stage(size: str, stage: int, reps: int, flops_only: bool = False) -> None:
     s = SIZES[size]
     f = flops_estimate(s, stage)
     print(f"\n=== stage {stage}: " + ("vision encoder + LLM frozen (projector trains)" if stage == 1
@@ -457,6 +458,8 @@ def report_stage(size: str, stage: int, reps: int) -> None:
           f"(x{fl['sds_old_bf16'] / fl['sds_floor']:.3f} the floor), new {fl['sds_new_bf16'] / 1e9:.2f} G "
           f"(x{fl['sds_new_bf16'] / fl['sds_floor']:.3f}); BASIC's share of the step in bf16: old "
           f"{100 * basic_old / base:.2f} % -> new {100 * basic_new / base:.2f} % (new/old x{basic_new / basic_old:.3f})")
+    if flops_only:
+        return
     peak = {}
     for v in VARIANTS:
         peak.update(run_worker_process(f"memory:{v}", size, stage))
@@ -526,6 +529,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes for a fast smoke run")
     parser.add_argument("--stages", help="freezing regimes to run: 1, 2 or 1,2 (default 1,2; --quick: 1)")
     parser.add_argument("--reps", type=int, help="timed runs per variant (default: full 10, quick 3)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="the proxy's FLOP counts only (a minute per stage), no timing or memory runs")
     parser.add_argument("--model", choices=("proxy", "7b"), default="proxy",
                         help="proxy: time the CPU proxy (default); 7b: print the LLaVA-1.5-7B FLOP / byte model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -551,7 +556,7 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()}")
     for stage in (int(x) for x in stages.split(",")):
         start = time.perf_counter()
-        report_stage(size, stage, s["reps"])
+        report_stage(size, stage, s["reps"], args.flops_only)
         print(f"  (stage {stage} took {time.perf_counter() - start:.0f} s)")
     print(f"\nload average at end: {os.getloadavg()}")
 
