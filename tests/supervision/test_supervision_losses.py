@@ -24,7 +24,7 @@ from _gemms import GemmRecorder, cuda_gemm_path  # noqa: E402
 # size of the KL; measured ≤ 0.3 u), and the gradient by 2u of its norm: the rounding of that
 # difference and of q − p, ~u together (measured ≤ 1.1 u over 12 seeds and KLs from 1e-6 to 1),
 # next to which the final rounding to bf16 (≤ u per element) is of the same size. Tighter would
-# only hold for the hi/lo-split operands that cost 2x the three products' FLOPs (issue 25).
+# only hold with hi/lo-split operands, 5/3 to 2x the three products' FLOPs (issue 25).
 BF16_U = 2.0 ** -8
 SDS_BF16_LOSS_RTOL = BF16_U
 SDS_BF16_GRAD_NORM_RTOL = 2 * BF16_U
