@@ -15,14 +15,14 @@ It builds, in the project's venv (transformers 4.57, the one training uses):
     default) as ``recipe-bf16``.
 Then, for every export, greedy decoding of N tokens (EOS ignored) from one image + prompt rendered
 with the directory's own chat template:
-  * transformers 4.57 (this venv, in a fresh process that never imports nemo_basic);
+  * transformers 4.57 (this venv, in a fresh process that never imports nemo_basic; float32 exports);
   * transformers 5.x in the vLLM venv, image processor backend ``pil`` (what vLLM is told too);
   * vLLM's offline ``LLM.generate``, ``mm_processor_kwargs={"backend": "pil"}``;
   * vLLM's OpenAI-compatible server (``serve-llava`` from scripts/install_vllm.sh) on 127.0.0.1 for
     ``recipe``: one ``/v1/chat/completions`` request (bounded start-up wait, one request, then the
     server is stopped).
 Float32 exports must give the same prompt ids and the same tokens everywhere (exit 1 otherwise).
-The bfloat16 export must load and serve; its tokens are compared with transformers' bfloat16 run
+The bfloat16 export must load and serve; its tokens are compared with transformers 5.x's bf16 run
 and a divergence is reported with transformers' logit gap there (a tie, or a near tie within a few
 bfloat16 steps, is reported, not failed; a divergence at a clear margin fails).
 """
