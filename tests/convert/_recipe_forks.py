@@ -20,16 +20,17 @@ import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_entry = None  # examples/_entry.py, imported by _main
 
 
-def _child(module, argv: list, log: str, port: int) -> None:
+def _child(stage: int, doc: str, argv: list, log: str, port: int) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.environ["MASTER_PORT"] = str(port)
     rc = 1
     try:
-        rc = module.main(argv)
+        rc = _entry.run(stage, doc, argv, console=False)  # the console filter is already on
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -44,10 +45,12 @@ def _main(jobs_file: str) -> None:
     with open(jobs_file) as f:
         jobs = json.load(f)
     sys.path.insert(0, os.path.join(REPO, "examples"))
+    global _entry
+    import _entry
     import basic_finetune
     import basic_pretrain
 
-    basic_pretrain._quiet_console()
+    _entry.install_console()
     import nemo_basic  # noqa: F401  (first: the CPU backend patches)
     from nemo_basic import compat
 
@@ -65,7 +68,7 @@ def _main(jobs_file: str) -> None:
         port = free_port()
         pid = os.fork()
         if pid == 0:
-            _child(basic_pretrain if stage == 1 else basic_finetune, run[f"argv{stage}"],
+            _child(stage, (basic_pretrain if stage == 1 else basic_finetune).__doc__, run[f"argv{stage}"],
                    f"{run['log']}.stage{stage}.txt", port)
         running[pid] = (run, stage, time.time())
 

@@ -16,8 +16,12 @@ HARMLESS = "FutureWarning: The pynvml package is deprecated. Please install nvid
 
 @pytest.fixture
 def screen(monkeypatch):
+    import torch.distributed
+
     for var in ("NEMO_BASIC_CONSOLE", "RANK", "SLURM_PROCID", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
+    # an earlier test of the session may have left a process group up: the launcher's variables decide
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     out = io.StringIO()
     return out, console.FilteredStream(out, "stdout")
 
@@ -50,7 +54,7 @@ def test_other_ranks_stdout_is_kept_but_their_errors_are_shown(screen, monkeypat
     assert out.getvalue() == "" and err_out.getvalue() == TRACEBACK
 
 
-def test_say_prints_on_rank_zero_only(capsys, monkeypatch):
+def test_say_prints_on_rank_zero_only(screen, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     console.say("hello")
     monkeypatch.setenv("RANK", "3")

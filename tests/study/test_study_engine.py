@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.benchmark  # ~11 min on 2 cores (672 s in the 2026-12-07 suite): run with pytest -m benchmark
 def test_a_run_repeated_after_other_runs_is_identical():
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "study", "_engine_rerun.py")], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
