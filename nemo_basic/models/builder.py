@@ -53,6 +53,7 @@ from nemo_basic.convert import (  # noqa: E402
     padded_vocab_size,
     shard_for_tp,
 )
+from nemo_basic.models import feature_layer  # noqa: E402
 from nemo_basic.models.basic_config import BasicConfig  # noqa: E402
 from nemo_basic.models.neva import BasicNevaConfig  # noqa: E402
 from nemo_basic.models.vision import HFVisionEncoderConfig, vision_config_from_hf  # noqa: E402
@@ -234,9 +235,9 @@ def basic_neva_config_from_hf(
         vision = vision_dir
     else:
         vision = vision_config_from_hf(vision_dir, image_size=image_size, load_weights=load_vision_weights)
-    if not -vision.num_hidden_layers - 1 <= vision_feature_layer <= vision.num_hidden_layers:
-        raise ValueError(f"vision_feature_layer={vision_feature_layer} is outside the encoder's "
-                         f"{vision.num_hidden_layers + 1} hidden states")
+    why = feature_layer.problem(vision_feature_layer, vision.num_hidden_layers)
+    if why:
+        raise ValueError(f"vision_feature_layer = {vision_feature_layer!r} is invalid: expected {why}")
     proj = projector_config(projector, vision.hidden_size, language.hidden_size)
     return assemble_basic_neva_config(
         language, vision, proj, basic, vision_feature_layer=vision_feature_layer,

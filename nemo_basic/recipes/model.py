@@ -18,6 +18,7 @@ import os
 import tempfile
 from typing import Any, Optional
 
+from nemo_basic.models import feature_layer
 from nemo_basic.recipes import presets
 from nemo_basic.recipes.schema import EMBEDDED_SCHEME, RecipeConfig, RecipeConfigError, Runtime, bad_value
 
@@ -185,9 +186,9 @@ def check_model(cfg: RecipeConfig, runtime: Optional[Runtime] = None) -> Archite
                             f"the LLM's sliding_window in model.llm_path's config.json: Megatron's attention "
                             "here is full causal, so longer sequences would differ from the Hugging Face model")
     L_vis = vision["num_hidden_layers"]
-    if not -L_vis <= m.vision_feature_layer < L_vis or m.vision_feature_layer == 0 and m.type != "tiny":
-        raise bad_value("model.vision_feature_layer", m.vision_feature_layer,
-                        f"an index into the {L_vis} vision layers (-1: last, -2: second to last)")
+    why = feature_layer.problem(m.vision_feature_layer, L_vis)
+    if why:
+        raise bad_value("model.vision_feature_layer", m.vision_feature_layer, why)
     if m.type == "hf" and not m.freeze_vision_model:
         raise bad_value("model.freeze_vision_model", False, "true", "the Hugging Face vision tower is frozen in "
                         "this version (as in LLaVA-1.5 and BASIC)")

@@ -133,6 +133,9 @@ def test_bad_overrides_name_the_key(override, message):
      "parallel.sequence_parallel = True is invalid: expected false (basic.layers = 16 spans pipeline stages (the "
      "first holds 8 layers)"),
     ("model.seq_length=500", "model.seq_length = 500 is invalid: expected an integer > 576"),
+    ("model.vision_feature_layer=0", "model.vision_feature_layer = 0 is invalid: expected an index into the 24 "
+                                     "vision layers (-1: last, -2: second to last)"),
+    ("model.vision_feature_layer=-25", "model.vision_feature_layer = -25 is invalid: expected an index into the 24"),
     ("model.vision_arch=clip-vit-huge", "model.vision_arch = 'clip-vit-huge' is invalid: expected one of"),
 ])
 def test_model_dependent_errors_name_the_key(override, message):
@@ -272,3 +275,17 @@ def test_cuda_without_te_refuses_what_needs_te(override, key):
     with pytest.raises(RecipeConfigError, match=rf"{key} = .* is invalid.*Transformer Engine"):
         M.check_model(cfg, gpu)
     M.check_model(load_config(BIG_7B, ["parallel.tensor=2"], stage=1), gpu)
+
+
+def test_vision_feature_layer_one_rule_for_recipe_and_builder():
+    """The recipe and the model builder apply one rule (nemo_basic.models.feature_layer): HF's hidden
+    states indexed as Python does, the embeddings (index 0) excluded: 1..L and -L..-1."""
+    import inspect
+
+    from nemo_basic.models import builder, feature_layer
+
+    assert [i for i in range(-26, 27) if feature_layer.problem(i, 24) is None] == [*range(-24, 0), *range(1, 25)]
+    assert feature_layer.problem(True, 24) is not None
+    assert "feature_layer.problem(" in inspect.getsource(builder.basic_neva_config_from_hf)
+    for ok in (-24, 24):
+        M.check_model(load_config(BIG_7B, [f"model.vision_feature_layer={ok}"], stage=1))
