@@ -198,9 +198,9 @@ def init_from_hf(llm_dir: str | os.PathLike, vision_dir: str | os.PathLike, out:
     vision = vision_config_from_hf(vision_dir, image_size=builder_kwargs.pop("image_size", None),
                                    load_weights=False)
     if vision.image_processor is not None:  # store the processor at the input size the model takes
-        from nemo_basic.models.vision import image_processor_from_dict
+        from nemo_basic.models.vision import image_processor_from_dict, processor_at_size
 
-        resized = serving.processor_at_size(image_processor_from_dict(vision.image_processor), vision.image_size)
+        resized = processor_at_size(image_processor_from_dict(vision.image_processor), vision.image_size)
         vision = HFVisionEncoderConfig(hf_config=vision.hf_config, image_size=vision.image_size,
                                        image_processor=image_processor_dict(resized),
                                        attn_implementation=vision.attn_implementation)

@@ -37,28 +37,12 @@ def read_serving_record(ckpt: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------------
 # image processor
 # ---------------------------------------------------------------------------------------------
-def processor_at_size(processor: Any, size: int) -> Any:
-    """``processor`` changed to produce ``size`` px squares, as the recipes' data pipeline does for
-    ``model.image_size`` (resize the shortest edge / both sides, centre crop to the same side)."""
-    from nemo_basic.models.vision import processor_image_size
-
-    if processor_image_size(processor) == size:
-        return processor
-    current = getattr(processor, "size", None) or {}
-    processor.size = {"shortest_edge": size} if "shortest_edge" in current else {"height": size, "width": size}
-    if getattr(processor, "crop_size", None) is not None:
-        processor.crop_size = {"height": size, "width": size}
-    if processor_image_size(processor) != size:
-        raise ValueError(f"cannot make the {type(processor).__name__} produce {size} px images")
-    return processor
-
-
 def export_image_processor(vision: Any, record: dict, directory: Optional[str | os.PathLike] = None) -> Any:
     """The image processor to ship: ``directory``'s if given, else the one training recorded, else
     the checkpoint config's when it matches the tower's input size, else (older checkpoints) that
     one resized to the input size, as the recipes did at training time — said on stderr."""
     from nemo_basic.models.vision import (default_image_processor, image_processor_from_dict,
-                                          load_image_processor, processor_image_size)
+                                          load_image_processor, processor_at_size, processor_image_size)
 
     n = vision.image_size
     if directory is not None:
@@ -257,7 +241,6 @@ __all__ = [
     "normal_file_modes",
     "padding_image_processor",
     "parse_size",
-    "processor_at_size",
     "read_serving_record",
     "serving_image_processor",
     "write_safetensors",

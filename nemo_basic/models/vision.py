@@ -278,6 +278,20 @@ def default_image_processor(config: HFVisionEncoderConfig):
                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3)
 
 
+def processor_at_size(processor: Any, size: int) -> Any:
+    """``processor`` changed to produce ``size`` px squares, as the recipes' data pipeline does for
+    ``model.image_size`` (resize the shortest edge / both sides, centre crop to the same side)."""
+    if processor_image_size(processor) == size:
+        return processor
+    current = getattr(processor, "size", None) or {}
+    processor.size = {"shortest_edge": size} if "shortest_edge" in current else {"height": size, "width": size}
+    if getattr(processor, "crop_size", None) is not None:
+        processor.crop_size = {"height": size, "width": size}
+    if processor_image_size(processor) != size:
+        raise ValueError(f"cannot make the {type(processor).__name__} produce {size} px images")
+    return processor
+
+
 def image_processor_for(vision: HFVisionEncoderConfig | str | os.PathLike):
     """The image processor for the data module. For a tower config: its own processor (else the
     family default) set to the tower's input size, resizing the square-padded image whole to that
@@ -287,15 +301,10 @@ def image_processor_for(vision: HFVisionEncoderConfig | str | os.PathLike):
         proc = image_processor_from_dict(vision.image_processor) if vision.image_processor else None
         if proc is None:
             return default_image_processor(vision)
-        n = vision.image_size
-        if processor_image_size(proc) != n:
-            size = getattr(proc, "size", None) or {}
-            proc.size = {"shortest_edge": n} if "shortest_edge" in size else {"height": n, "width": n}
-            if getattr(proc, "crop_size", None) is not None:
-                proc.crop_size = {"height": n, "width": n}
-        if processor_image_size(proc) != n:
-            raise ValueError(f"model.image_size = {n}: cannot make the image processor produce {n} px")
-        return proc
+        try:
+            return processor_at_size(proc, vision.image_size)
+        except ValueError as e:
+            raise ValueError(f"model.image_size = {vision.image_size}: {e}") from None
     proc = load_image_processor(vision, required=False)
     return proc if proc is not None else default_image_processor(vision_config_from_hf(vision, load_weights=False))
 
@@ -311,6 +320,7 @@ __all__ = [
     "image_processor_for",
     "image_processor_from_dict",
     "load_image_processor",
+    "processor_at_size",
     "processor_image_size",
     "vision_config_from_hf",
 ]
