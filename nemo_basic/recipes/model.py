@@ -47,11 +47,23 @@ class Architecture:
     image_size: int              # input side in pixels
     patch_size: int
     img_seq_len: int             # image embeddings per image after the projector
-    llm_params: int
-    vision_params: int
-    projector_params: int
+    projector: str               # model.projector
     padded_vocab: int
     spans_stages: bool = False   # layers 1..k lie on more than one pipeline stage (set by check_model)
+
+    # parameter counts: transformers builds the module on `meta` (imported here, on first use)
+    @property
+    def llm_params(self) -> int:
+        tiny = self.llm.get("model_type") == "tiny"  # the tiny LLM is Llama-shaped
+        return presets.hf_parameters("llm", dict(self.llm, model_type="llama") if tiny else self.llm)
+
+    @property
+    def vision_params(self) -> int:  # the tiny model's tower is not a Hugging Face module
+        return 0 if self.vision.get("model_type") == "tiny" else presets.hf_parameters("vision", self.vision)
+
+    @property
+    def projector_params(self) -> int:
+        return presets.projector_parameters(self.projector, self.vision["hidden_size"], self.llm["hidden_size"])
 
     @property
     def total_params(self) -> int:
@@ -103,10 +115,7 @@ def _arch_of(cfg: RecipeConfig, kind: str) -> dict:
         if preset is not None:
             presets.resolve(kind, None, preset, key_path, key_preset)  # the name must exist
         return arch
-    try:
-        return presets.resolve(kind, os.path.expanduser(path) if path else None, preset, key_path, key_preset)
-    except presets.ArchitectureError as e:
-        raise RecipeConfigError(str(e)) from None
+    return presets.resolve(kind, os.path.expanduser(path) if path else None, preset, key_path, key_preset)
 
 
 def architecture(cfg: RecipeConfig, tensor_parallel: Optional[int] = None) -> Architecture:
@@ -132,11 +141,8 @@ def architecture(cfg: RecipeConfig, tensor_parallel: Optional[int] = None) -> Ar
     img_seq_len = (size // patch) ** 2 + cls
     tp = tensor_parallel or cfg.parallel.tensor
     padded = padded_vocab_size(llm["vocab_size"], 128, tp)
-    return Architecture(
-        llm=llm, vision=vision, num_layers=L, k=k, image_size=size, patch_size=patch, img_seq_len=img_seq_len,
-        llm_params=presets.llm_parameters(llm), vision_params=presets.vision_parameters(vision)
-        if m.type != "tiny" else 0, projector_params=presets.projector_parameters(
-            m.projector, vision["hidden_size"], llm["hidden_size"]), padded_vocab=padded)
+    return Architecture(llm=llm, vision=vision, num_layers=L, k=k, image_size=size, patch_size=patch,
+                        img_seq_len=img_seq_len, projector=m.projector, padded_vocab=padded)
 
 
 def check_model(cfg: RecipeConfig, runtime: Optional[Runtime] = None) -> Architecture:

@@ -10,9 +10,12 @@ Values are those of the public ``config.json`` files of the named Hugging Face r
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Optional
+
+from nemo_basic.recipes.schema import RecipeConfigError
 
 LLM_PRESETS = {
     # lmsys/vicuna-7b-v1.5 (Llama-2 7B architecture)
@@ -62,7 +65,7 @@ _COMPARED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key
              "vocab_size", "patch_size")
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(RecipeConfigError):
     pass
 
 
@@ -115,38 +118,31 @@ def resolve(kind: str, path: Optional[str], preset: Optional[str], key_path: str
                             f"checkpoint folder or a preset ({' | '.join(table)})")
 
 
-# -- parameter counts (what Hugging Face's model has; Megatron adds vocabulary padding) ------------------
-def llm_parameters(c: dict, padded_vocab: Optional[int] = None) -> int:
-    h, L = c["hidden_size"], c["num_hidden_layers"]
-    nh = c["num_attention_heads"]
-    nkv = c.get("num_key_value_heads") or nh
-    hd = c.get("head_dim") or h // nh
-    ffn = c["intermediate_size"]
-    vocab = padded_vocab or c["vocab_size"]
-    embed = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
-    per_layer = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * ffn + 2 * h  # attn, SwiGLU/GeGLU, 2 norms
-    return embed + L * per_layer + h
+# -- parameter counts (Hugging Face's modules; Megatron adds vocabulary padding) -------------------------
+@functools.lru_cache(maxsize=None)
+def _count(kind: str, fields: str) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    fields = json.loads(fields)
+    try:
+        config = AutoConfig.for_model(**fields)
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            module = (AutoModelForCausalLM if kind == "llm" else AutoModel).from_config(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArchitectureError(f"the {kind} architecture (model_type {fields.get('model_type')!r}) is not one "
+                                f"transformers can build: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return sum(p.numel() for p in module.parameters())
 
 
-def vision_parameters(c: dict) -> int:
-    """Parameters of the Hugging Face vision module (CLIPVisionModel, SiglipVisionModel, Dinov2Model):
-    a ViT with biases, pre-norm LayerNorms and a learned position embedding, including the parts
-    LLaVA does not use but the module holds (SigLIP's attention-pool head, DINOv2's mask token)."""
-    h, L, ffn, p = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["patch_size"]
-    side = c["image_size"] // p  # the position table's size is the checkpoint's, whatever the input size
-    cls = 1 if c.get("class_token", True) else 0
-    mt = c.get("model_type", "")
-    patch = 3 * p * p * h + (0 if mt.startswith("clip") else h)  # CLIP's patch conv has no bias
-    embed = patch + cls * h + (side * side + cls) * h
-    per_layer = 4 * (h * h + h) + 2 * 2 * h + (h * ffn + ffn) + (ffn * h + h)
-    extra_norms = 2 * h if mt.startswith("clip") else 0  # CLIP's pre_layrnorm
-    post = 2 * h
-    extra = 0
-    if mt == "dinov2":
-        extra += 2 * h * L + h  # layer scales, mask token
-    if mt.startswith("siglip") and c.get("vision_use_head", True):
-        extra += h + (3 * h * h + 3 * h) + (h * h + h) + 2 * h + (h * ffn + ffn) + (ffn * h + h)  # pooling head
-    return embed + L * per_layer + extra_norms + post + extra
+def hf_parameters(kind: str, arch: dict) -> int:
+    """Parameters of the module an architecture describes, counted by transformers itself on the
+    ``meta`` device: the LLM with its head (``kind="llm"``), or the vision module LLaVA wraps,
+    including what LLaVA leaves unused (SigLIP's attention-pool head, DINOv2's mask token). Each
+    family's extras (Qwen2's q/k/v biases, tied embeddings) count as the checkpoint has them."""
+    fields = {k: v for k, v in arch.items() if k != "class_token"}
+    fields.setdefault("model_type", "llama" if kind == "llm" else None)
+    return _count(kind, json.dumps(fields, sort_keys=True))
 
 
 def projector_parameters(kind: str, vision_hidden: int, llm_hidden: int) -> int:

@@ -8,31 +8,33 @@ from nemo_basic.recipes import presets
 from nemo_basic.testing import run_distributed
 from recipes_workers import meta_build
 
-# Hugging Face parameter counts of the LLMs (as published for the checkpoints)
+# parameter counts as published for the checkpoints (their safetensors index / model cards)
 VICUNA_7B = 6_738_415_616
 VICUNA_13B = 13_015_864_320
+MISTRAL_7B = 7_241_732_096
 CLIP_L_336 = 303_507_456
+# Qwen/Qwen2.5-0.5B: 494,032,768, and by hand: embeddings 151936 x 896 (tied) + 24 layers x (q 896^2 + 896,
+# k and v 896 x 128 + 128 each, o 896^2, MLP 3 x 896 x 4864, 2 norms x 896) + the final norm 896
+QWEN25_05B = 151936 * 896 + 24 * (896 * 896 + 896 + 2 * (896 * 128 + 128) + 896 * 896 + 3 * 896 * 4864 + 2 * 896) + 896
+QWEN25_05B_FIELDS = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
 
 
-def test_analytic_counts_match_hugging_face_modules_on_meta():
-    """presets.*_parameters against the transformers modules themselves, built on `meta`."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig
-    from transformers import SiglipVisionModel
+def test_parameter_counts_equal_the_published_ones():
+    """The counts `--check` prints come from transformers' own modules on `meta`; they equal the
+    published totals, q/k/v biases (Qwen2) included, and need no weights."""
+    assert QWEN25_05B == 494_032_768
+    assert presets.hf_parameters("llm", presets.LLM_PRESETS["vicuna-7b-v1.5"]) == VICUNA_7B
+    assert presets.hf_parameters("llm", presets.LLM_PRESETS["vicuna-13b-v1.5"]) == VICUNA_13B
+    assert presets.hf_parameters("llm", presets.LLM_PRESETS["mistral-7b-instruct-v0.2"]) == MISTRAL_7B
+    assert presets.hf_parameters("llm", QWEN25_05B_FIELDS) == QWEN25_05B
+    assert presets.hf_parameters("vision", presets.VISION_PRESETS["clip-vit-large-patch14-336"]) == CLIP_L_336
 
-    for name in ("vicuna-7b-v1.5", "vicuna-13b-v1.5", "mistral-7b-instruct-v0.2"):
-        c = presets.LLM_PRESETS[name]
-        with torch.device("meta"):
-            hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in c.items() if k != "model_type"}))
-        assert presets.llm_parameters(c) == sum(p.numel() for p in hf.parameters()), name
-    for name, (cfg_cls, model_cls) in {"clip-vit-large-patch14-336": (CLIPVisionConfig, CLIPVisionModel),
-                                       "siglip-so400m-patch14-384": (SiglipVisionConfig, SiglipVisionModel)}.items():
-        c = presets.VISION_PRESETS[name]
-        with torch.device("meta"):
-            hf = model_cls(cfg_cls(**{k: v for k, v in c.items() if k not in ("model_type", "class_token")}))
-        assert presets.vision_parameters(c) == sum(p.numel() for p in hf.parameters()), name
-    assert presets.llm_parameters(presets.LLM_PRESETS["vicuna-7b-v1.5"]) == VICUNA_7B
-    assert presets.llm_parameters(presets.LLM_PRESETS["vicuna-13b-v1.5"]) == VICUNA_13B
+
+def test_an_architecture_transformers_cannot_build_is_named():
+    with pytest.raises(presets.ArchitectureError, match="the llm architecture \\(model_type 'no-such-model'\\) "
+                                                        "is not one transformers can build"):
+        presets.hf_parameters("llm", dict(presets.LLM_PRESETS["vicuna-7b-v1.5"], model_type="no-such-model"))
 
 
 @pytest.mark.slow
