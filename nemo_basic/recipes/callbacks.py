@@ -18,6 +18,17 @@ from nemo_basic.recipes.records import METRICS_FILE, RECORDS_DIR
 LOSS_KEYS = {"lm loss": "lm_loss", "basic das loss": "basic_das_loss", "basic sds loss": "basic_sds_loss"}
 
 
+PARTS = {"projector": "vision_projection.", "language_model": "language_model.", "vision_model": "vision_model."}
+
+
+def _parts(module):
+    """(part index, parameter) of this rank's projector, language model and vision tower."""
+    for name, p in module.named_parameters():
+        for i, key in enumerate(PARTS.values()):
+            if key in name:
+                yield i, p
+
+
 def weight_digest(module) -> Dict[str, float]:
     """Sum of |w| (float64) of this rank's projector, language model and vision tower: a cheap
     fingerprint showing which parts a stage changed and what a stage started from.
@@ -27,36 +38,28 @@ def weight_digest(module) -> Dict[str, float]:
     one transfer per device (one in a Megatron rank), not one per parameter."""
     import torch
 
-    parts = ("projector", "language_model", "vision_model")
     chunk = 1 << 24  # elements per float64 slice: 128 MiB at most
     totals: Dict[torch.device, list] = {}  # device → [sum per part], float64 0-d tensors
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            for i, part in enumerate(parts):
-                key = "vision_projection" if part == "projector" else part
-                if f"{key}." in name:
-                    flat = p.detach().reshape(-1)
-                    sums = totals.setdefault(flat.device, [None] * len(parts))
-                    for piece in flat.split(chunk):
-                        s = piece.double().abs().sum()
-                        sums[i] = s if sums[i] is None else sums[i] + s
-    out = {part: 0.0 for part in parts}
-    for device, sums in totals.items():
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        for part, value in zip(parts, torch.stack([zero if s is None else s for s in sums]).tolist()):
+        for i, p in _parts(module):
+            flat = p.detach().reshape(-1)
+            sums = totals.setdefault(flat.device, [torch.zeros((), dtype=torch.float64, device=flat.device)] * 3)
+            for piece in flat.split(chunk):
+                sums[i] = sums[i] + piece.double().abs().sum()
+    out = dict.fromkeys(PARTS, 0.0)
+    for sums in totals.values():
+        for part, value in zip(PARTS, torch.stack(sums).tolist()):
             out[part] += value
     return out
 
 
 def parameter_counts(module) -> Dict[str, Dict[str, int]]:
     """{part: {"total": n, "trainable": n}} for the projector, language model and vision tower."""
-    out = {part: {"total": 0, "trainable": 0} for part in ("projector", "language_model", "vision_model")}
-    for name, p in module.named_parameters():
-        for part in out:
-            key = "vision_projection" if part == "projector" else part
-            if f"{key}." in name:
-                out[part]["total"] += p.numel()
-                out[part]["trainable"] += p.numel() if p.requires_grad else 0
+    out = {part: {"total": 0, "trainable": 0} for part in PARTS}
+    for i, p in _parts(module):
+        counts = out[list(PARTS)[i]]
+        counts["total"] += p.numel()
+        counts["trainable"] += p.numel() if p.requires_grad else 0
     return out
 
 

@@ -60,42 +60,34 @@ def _lock_path(root: str):
     return Path(os.path.dirname(root)) / f".{os.path.basename(root)}.lock"
 
 
+def _data_path(cfg: RecipeConfig, p: str, prepare: bool) -> str:
+    """One ``data.path`` entry checked (cheaply); with ``prepare``, the embedded split made on first use."""
+    shards = "prepared shard folders (scripts/prepare_llava_data.py)"
+    if p.startswith(EMBEDDED_SCHEME):
+        split = p[len(EMBEDDED_SCHEME):]
+        if split not in EMBEDDED_SPLITS:
+            raise bad_value("data.path", p, " | ".join(EMBEDDED_SCHEME + s for s in EMBEDDED_SPLITS) + " or " + shards)
+        return prepare_embedded(cfg, split) if prepare else p
+    path = os.path.abspath(os.path.expanduser(p))
+    if not os.path.isdir(path):
+        raise bad_value("data.path", p, shards, f"{path} is not a folder")
+    from nemo_basic.data.shards import check_prepared
+
+    why = check_prepared(path)
+    if why is not None:
+        raise bad_value("data.path", p, shards, why)
+    return path
+
+
 def resolve_data_paths(cfg: RecipeConfig) -> List[str]:
-    out = []
-    for p in cfg.data.path:
-        if p.startswith(EMBEDDED_SCHEME):
-            split = p[len(EMBEDDED_SCHEME):]
-            if split not in EMBEDDED_SPLITS:
-                raise bad_value("data.path", p, " | ".join(EMBEDDED_SCHEME + s for s in EMBEDDED_SPLITS)
-                                + " or prepared shard folders")
-            out.append(prepare_embedded(cfg, split))
-        else:
-            path = os.path.abspath(os.path.expanduser(p))
-            if not os.path.isdir(path):
-                raise bad_value("data.path", p, "prepared shard folders (scripts/prepare_llava_data.py)",
-                                f"{path} is not a folder")
-            out.append(path)
-    return out
+    return [_data_path(cfg, p, prepare=True) for p in cfg.data.path]
 
 
 def check_data_paths(cfg: RecipeConfig) -> None:
-    """Cheap existence checks before anything heavy runs."""
-    if cfg.model.type == "tiny":
-        return
-    for p in cfg.data.path:
-        if p.startswith(EMBEDDED_SCHEME):
-            if p[len(EMBEDDED_SCHEME):] not in EMBEDDED_SPLITS:
-                raise bad_value("data.path", p, " | ".join(EMBEDDED_SCHEME + s for s in EMBEDDED_SPLITS)
-                                + " or prepared shard folders")
-        elif not os.path.isdir(os.path.expanduser(p)):
-            raise bad_value("data.path", p, "prepared shard folders (scripts/prepare_llava_data.py)",
-                            f"{os.path.abspath(os.path.expanduser(p))} is not a folder")
-        else:
-            from nemo_basic.data.shards import check_prepared
-
-            why = check_prepared(os.path.abspath(os.path.expanduser(p)))
-            if why is not None:
-                raise bad_value("data.path", p, "prepared shard folders (scripts/prepare_llava_data.py)", why)
+    """Cheap checks before anything heavy runs."""
+    if cfg.model.type != "tiny":
+        for p in cfg.data.path:
+            _data_path(cfg, p, prepare=False)
 
 
 def num_records(paths: List[str]) -> int:

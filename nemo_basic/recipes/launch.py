@@ -113,14 +113,6 @@ def stage_overrides(a) -> dict:
     return {s: shared + per[s] for s in (1, 2)}
 
 
-def _data_path(stage: int, config: str, overrides: Sequence[str]):
-    from nemo_basic.recipes.schema import load_config
-
-    return [os.path.abspath(p) if "://" not in p else p
-            for p in load_config(config, list(overrides), stage=stage).data.path]
-    return p
-
-
 def _stage2_config(path: str) -> str:
     base = os.path.basename(path)
     if "stage1" not in base:
@@ -128,8 +120,8 @@ def _stage2_config(path: str) -> str:
     return os.path.join(os.path.dirname(path), base.replace("stage1", "stage2"))
 
 
-def validate(stage: int, config: str, overrides: Sequence[str], nodes: int, gpus_per_node: int) -> None:
-    """Load and check the recipe as it will run (devices and nodes from the executor)."""
+def validate(stage: int, config: str, overrides: Sequence[str], nodes: int, gpus_per_node: int):
+    """Load and check the recipe as it will run (devices and nodes from the executor); returns it."""
     from nemo_basic.recipes import train
     from nemo_basic.recipes.schema import load_config
 
@@ -140,6 +132,7 @@ def validate(stage: int, config: str, overrides: Sequence[str], nodes: int, gpus
     runtime = train.preflight(cfg, require_files=False, assume_target=True)
     if runtime.blockers:
         raise SystemExit("error: " + "; ".join(runtime.blockers))
+    return cfg
 
 
 def _relative_config(config: str) -> str:
@@ -169,12 +162,11 @@ def build(a) -> tuple:
     if a.stage == "both":
         configs[2] = a.config2 or _stage2_config(a.config)
     overrides = stage_overrides(a)
-    for s in stages:
-        validate(s, configs[s], overrides[s], a.nodes, a.gpus_per_node)
+    cfgs = {s: validate(s, configs[s], overrides[s], a.nodes, a.gpus_per_node) for s in stages}
     if a.stage == "both":
-        p1, p2 = (_data_path(s, configs[s], overrides[s]) for s in (1, 2))
-        if set(p1) & set(p2):
-            raise SystemExit(f"error: stage 1 and stage 2 would train on the same data ({sorted(set(p1) & set(p2))}):"
+        p1, p2 = ({os.path.abspath(p) if "://" not in p else p for p in cfgs[s].data.path} for s in (1, 2))
+        if p1 & p2:
+            raise SystemExit(f"error: stage 1 and stage 2 would train on the same data ({sorted(p1 & p2)}):"
                              " give each stage its own data.path (--stage1 data.path=... --stage2 data.path=...)")
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "NEMO_BASIC_RUNS": CONTAINER_RESULTS if a.results else "runs", "PYTHONPATH": a.repo, **JOB_ENV}

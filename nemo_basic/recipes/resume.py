@@ -170,6 +170,12 @@ def _candidates(ckpt_dir: str) -> Tuple[List[str], Dict[str, List[str]]]:
     return sorted(dirs, key=key, reverse=True), links
 
 
+def checkpoints(run_dir: str) -> List[str]:
+    """The checkpoint folders of a run, finished or not, newest first."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return _candidates(ckpt_dir)[0] if os.path.isdir(ckpt_dir) else []
+
+
 def choose(run_dir: str) -> Choice:
     """The newest complete checkpoint of ``run_dir`` and why each newer one was passed over."""
     out = Choice()

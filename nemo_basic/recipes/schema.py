@@ -216,11 +216,6 @@ def all_keys() -> List[str]:
     return [key for key, _, section in _walk() if not section]
 
 
-def allowed_values(key: str) -> str:
-    info = _info(key)
-    return expected(info) if info is not None else "?"
-
-
 def describe_keys() -> str:
     """Every key with its allowed values, default and description (``--help-config``)."""
     return "\n".join(f"{key} = {info.get_default(call_default_factory=True)!r}: {expected(info)}\n"
@@ -236,12 +231,8 @@ def _did_you_mean(key: str) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def unknown_key_error(key: str) -> RecipeConfigError:
-    return RecipeConfigError(f"unknown key '{key}'{_did_you_mean(key)}")
-
-
 def bad_value(key: str, value: Any, allowed: Optional[str] = None, why: str = "") -> RecipeConfigError:
-    allowed = allowed or allowed_values(key)
+    allowed = allowed or (expected(info) if (info := _info(key)) else "?")
     extra = f" ({why})" if why else ""
     return RecipeConfigError(f"{key} = {value!r} is invalid: expected {allowed}{extra}")
 
@@ -262,7 +253,7 @@ def _translate(error: ValidationError, merged: dict, layers: Sequence[tuple]) ->
     if err["type"] in unknown:
         key = ".".join(loc)
         where = [source for source, raw in layers if _lookup(raw, loc) is not None and source != "command line"]
-        return RecipeConfigError(str(unknown_key_error(key)) + (f" [{where[-1]}]" if where else ""))
+        return RecipeConfigError(f"unknown key '{key}'{_did_you_mean(key)}" + (f" [{where[-1]}]" if where else ""))
     if isinstance((err.get("ctx") or {}).get("error"), BasicConfigError):
         return RecipeConfigError(str(err["ctx"]["error"]))
     while len(loc) > 1 and _info(".".join(loc)) is None:  # a list item → the list's key

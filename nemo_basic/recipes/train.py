@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -18,32 +17,17 @@ import time
 from typing import Any, Dict, List, Optional
 
 from nemo_basic.console import rank, say
+from nemo_basic.recipes import resume as resume_mod
 from nemo_basic.recipes.records import METRICS_FILE, RECORDS_DIR, SUMMARY_FILE
 from nemo_basic.recipes.schema import RecipeConfig, RecipeConfigError, Runtime, bad_value, resolve_runtime, to_yaml
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
-def _is_checkpoint(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "weights")) or os.path.isfile(os.path.join(path, "metadata.json"))
-
-
-def checkpoints_in(run_dir: str) -> List[str]:
-    """Finished checkpoints of a run, oldest first (NeMo marks unfinished ones)."""
-    found = [p for p in glob.glob(os.path.join(run_dir, "checkpoints", "*")) if os.path.isdir(p)
-             and _is_checkpoint(p) and not p.endswith("-unfinished")
-             and not os.path.exists(p + "-unfinished")]
-    return sorted(found, key=lambda p: (os.path.getmtime(p), p.endswith("-last")))
-
-
 def latest_checkpoint(path: str) -> Optional[str]:
     """``path`` itself if it is a checkpoint, else the newest complete checkpoint of the run folder
     ``path`` (its "-last" link when one points at it), checked against its index (`resume.problem`)."""
-    from nemo_basic.recipes import resume as resume_mod
-
     path = os.path.abspath(os.path.expanduser(path))
-    if _is_checkpoint(path):
-        return path
-    return resume_mod.choose(path).chosen
+    return path if os.path.isdir(os.path.join(path, "weights")) else resume_mod.choose(path).chosen
 
 
 def resolve_init_from(cfg: RecipeConfig) -> Optional[str]:
@@ -58,8 +42,6 @@ def resolve_init_from(cfg: RecipeConfig) -> Optional[str]:
                         f"no finished checkpoint in {os.path.abspath(os.path.expanduser(where))}; run stage 1 "
                         "first (examples/basic_pretrain.py with the same run.name and run.log_dir), or set "
                         "checkpoint.init_from=null to start from the pretrained LLM with a fresh projector")
-    from nemo_basic.recipes import resume as resume_mod
-
     why = resume_mod.problem(os.path.realpath(ckpt))
     if why is not None:
         raise bad_value("checkpoint.init_from", cfg.checkpoint.init_from, "a complete stage-1 checkpoint",
@@ -70,12 +52,10 @@ def resolve_init_from(cfg: RecipeConfig) -> Optional[str]:
 def choose_resume(cfg: RecipeConfig, run_dir: str):
     """The checkpoint this job resumes from (`resume.choose`), said once with the reason for each one
     passed over; rank 0 moves those aside (nothing is deleted). Returns (choice, [(from, to)])."""
-    from nemo_basic.recipes import resume as resume_mod
-
     if not os.path.isdir(run_dir):
         return resume_mod.Choice(), []
     if not cfg.checkpoint.resume:
-        found = checkpoints_in(run_dir)
+        found = resume_mod.checkpoints(run_dir)
         if found:  # a fresh start would write over them, step by step, under the same names
             raise bad_value("checkpoint.resume", False, "true, or a run folder without checkpoints",
                             f"{os.path.join(run_dir, 'checkpoints')} holds {len(found)} checkpoint(s) that a fresh "
@@ -320,7 +300,7 @@ def run(cfg: RecipeConfig) -> dict:
 
         restore = RestoreConfig(path=runtime.init_from, load_model_state=True, load_optim_state=False,
                                 load_artifacts=False)
-        if not checkpoints_in(run_dir):
+        if not choice.chosen:
             say(f"stage 2 starts from the stage-1 checkpoint {runtime.init_from}")
     resume = nl.AutoResume(resume_if_exists=cfg.checkpoint.resume, resume_ignore_no_checkpoint=True,
                            restore_config=restore, resume_from_path=choice.chosen)

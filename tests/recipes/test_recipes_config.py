@@ -289,3 +289,25 @@ def test_vision_feature_layer_one_rule_for_recipe_and_builder():
     assert "feature_layer.problem(" in inspect.getsource(builder.basic_neva_config_from_hf)
     for ok in (-24, 24):
         M.check_model(load_config(BIG_7B, [f"model.vision_feature_layer={ok}"], stage=1))
+
+
+def test_data_paths_are_checked_by_key(tmp_path):
+    """Each data.path entry: an embedded split, or a folder of prepared shards, else a message naming it."""
+    from nemo_basic.recipes import data as D
+
+    shards = "prepared shard folders (scripts/prepare_llava_data.py)"
+    cases = {
+        "embedded://stage3": f"data.path = 'embedded://stage3' is invalid: expected embedded://stage1 | "
+                             f"embedded://stage2 or {shards}",
+        f"{tmp_path}/missing": f"data.path = '{tmp_path}/missing' is invalid: expected {shards} "
+                               f"({tmp_path}/missing is not a folder)",
+        str(tmp_path): f"data.path = '{tmp_path}' is invalid: expected {shards} ({tmp_path} has no .nv-meta/ "
+                       "metadata: prepare it with scripts/prepare_llava_data.py (or `energon prepare`))",
+    }
+    for path, message in cases.items():
+        cfg = load_config(os.path.join(REPO, "conf", "embedded_stage1.yaml"), [f"data.path=[{path}]"], stage=1)
+        with pytest.raises(RecipeConfigError) as e:
+            D.check_data_paths(cfg)
+        assert str(e.value) == message
+    ok = load_config(os.path.join(REPO, "conf", "embedded_stage1.yaml"), ["data.path=[embedded://stage2]"], stage=1)
+    D.check_data_paths(ok)  # a split name is checked without generating the data
