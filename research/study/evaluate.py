@@ -91,7 +91,7 @@ class Evaluator:
         from nemo_basic.supervision import layer_weights
 
         # float32 for the measurements (bf16 rounding moved per-caption CE by ~1 % between batch
-        # layouts), bf16 for generation (greedy answers; bf16 runs on this CPU's AMX).
+        # layouts), bf16 for generation (greedy answers; fast only on CPUs with AVX-512 BF16 / AMX, see engine).
         model, tok = hf_model(self.built, torch.float32)
         image_id = model.config.image_token_index
         m = self.built.img_seq_len
