@@ -225,8 +225,6 @@ def training_blockers(cfg: RecipeConfig, arch: Architecture) -> list:
 
 # -- config and module ------------------------------------------------------------------------------------------
 def _apply_common(config, cfg: RecipeConfig, runtime: Runtime):
-    import torch
-
     m = cfg.model
     config.freeze_language_model = cfg.freeze_language_model
     config.freeze_vision_model = m.freeze_vision_model
@@ -237,10 +235,8 @@ def _apply_common(config, cfg: RecipeConfig, runtime: Runtime):
     config.tensor_model_parallel_size = cfg.parallel.tensor
     config.pipeline_model_parallel_size = cfg.parallel.pipeline
     config.sequence_parallel = cfg.parallel.sequence_parallel
-    dtype = torch.bfloat16 if runtime.precision == "bf16-mixed" else torch.float32
     lm = config.language_transformer_config
-    lm.pipeline_dtype = dtype
-    config.pipeline_dtype = dtype
+    lm.pipeline_dtype = config.pipeline_dtype = runtime.dtype
     if cfg.parallel.num_layers_in_first_pipeline_stage is not None:
         lm.num_layers_in_first_pipeline_stage = cfg.parallel.num_layers_in_first_pipeline_stage
     return config

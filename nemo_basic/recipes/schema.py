@@ -438,6 +438,13 @@ class Runtime:
     def on_gpu(self) -> bool:
         return self.accelerator == "gpu"
 
+    @property
+    def dtype(self):
+        """The torch dtype of the weights and of the activations the pipeline stages exchange."""
+        import torch
+
+        return {"32": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[self.precision]
+
 
 def resolve_runtime(cfg: RecipeConfig, cuda: bool, gpus_per_node: int = 0) -> Runtime:
     """Accelerator, devices, precision and distributed optimizer for this machine; checks what

@@ -92,15 +92,13 @@ def build_optim(cfg: RecipeConfig, runtime: Runtime, max_steps: int):
     from nemo import lightning as nl
 
     o = cfg.optim
-    bf16 = runtime.precision == "bf16-mixed"
-    fp16 = runtime.precision == "16-mixed"
     warmup = o.warmup_steps if o.warmup_steps is not None else math.ceil(o.warmup_ratio * max_steps)
     warmup = min(warmup, max(0, max_steps - 1))
     opt = OptimizerConfig(
         optimizer="adam",  # Megatron's "adam" is AdamW (decoupled weight decay)
         lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16, fp16=fp16,
-        params_dtype=torch.bfloat16 if bf16 else (torch.float16 if fp16 else torch.float32),
+        adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=runtime.dtype == torch.bfloat16,
+        fp16=runtime.dtype == torch.float16, params_dtype=runtime.dtype,
         use_distributed_optimizer=runtime.distributed_optimizer)
     sched = nl.lr_scheduler.CosineAnnealingScheduler(max_steps=max_steps, warmup_steps=warmup, constant_steps=0,
                                                      min_lr=o.min_lr)
@@ -108,16 +106,14 @@ def build_optim(cfg: RecipeConfig, runtime: Runtime, max_steps: int):
 
 
 def precision_plugin(cfg: RecipeConfig, runtime: Runtime):
-    """NeMo's MegatronMixedPrecision for the run: fp32, bf16-mixed, or bf16 with FP8 GEMMs."""
-    import torch
+    """NeMo's MegatronMixedPrecision for the run: fp32, bf16-mixed, 16-mixed, or bf16 with FP8 GEMMs."""
     from nemo import lightning as nl
 
     t = cfg.trainer
-    dtype = torch.bfloat16 if runtime.precision == "bf16-mixed" else torch.float32
     if runtime.precision == "32":
         return nl.MegatronMixedPrecision(precision="32")
-    kw = dict(precision=runtime.precision, params_dtype=dtype, pipeline_dtype=dtype, autocast_enabled=False,
-              grad_reduce_in_fp32=True)
+    kw = dict(precision=runtime.precision, params_dtype=runtime.dtype, pipeline_dtype=runtime.dtype,
+              autocast_enabled=False, grad_reduce_in_fp32=True)
     if t.fp8 is not None:  # as NeMo's bf16_with_fp8_mixed recipe, but FP8 weights only when asked:
         # NeMo turns fp8_param_gather into fp8_param (FP8 primary weights), which NeVA never ran
         kw.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe, fp8_margin=0, fp8_amax_history_len=1024,
@@ -140,19 +136,16 @@ def ddp_settings(cfg: RecipeConfig, runtime: Runtime) -> Dict[str, Any]:
 
 
 def build_trainer(cfg: RecipeConfig, runtime: Runtime, max_steps: int, callbacks: list):
-    import torch
     from nemo import lightning as nl
 
     p, t = cfg.parallel, cfg.trainer
-    on_gpu = runtime.accelerator == "gpu"
-    dtype = torch.bfloat16 if runtime.precision == "bf16-mixed" else torch.float32
     strategy_kw: Dict[str, Any] = dict(
         tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
-        sequence_parallel=p.sequence_parallel, pipeline_dtype=dtype, ckpt_async_save=cfg.checkpoint.async_save,
+        sequence_parallel=p.sequence_parallel, pipeline_dtype=runtime.dtype, ckpt_async_save=cfg.checkpoint.async_save,
         ckpt_load_strictness=None)
     if p.num_layers_in_first_pipeline_stage is not None:
         strategy_kw["num_layers_in_first_pipeline_stage"] = p.num_layers_in_first_pipeline_stage
-    if on_gpu:
+    if runtime.on_gpu:
         from megatron.core.distributed import DistributedDataParallelConfig
 
         strategy_kw["ddp"] = DistributedDataParallelConfig(**ddp_settings(cfg, runtime))
@@ -201,7 +194,6 @@ def preflight(cfg: RecipeConfig, require_files: bool = True, assume_target: bool
     model_mod.check_model(cfg)  # the configuration's own errors first, then this machine's
     runtime = resolve_runtime(cfg, cuda, gpus)
     arch = model_mod.check_model(cfg, runtime if not notes else None)
-    runtime.init_from = None
     if cfg.model.type == "hf":
         for key in ("llm_path", "vision_path"):
             path = getattr(cfg.model, key)

@@ -262,6 +262,31 @@ def test_fp8_primary_weights_only_when_asked():
 
 
 @pytest.mark.gpu_path
+@pytest.mark.parametrize("precision, dtype", [("32", "float32"), ("bf16-mixed", "bfloat16"), ("16-mixed", "float16")])
+def test_one_dtype_for_weights_optimizer_and_pipeline(precision, dtype):
+    """The optimizer's params_dtype, the precision plugin's params / pipeline dtype and the model
+    config's pipeline dtype all follow trainer.precision (16-mixed used to give fp32 pipeline
+    buffers for fp16 activations)."""
+    import torch
+
+    from nemo_basic.recipes import train
+    from nemo_basic.recipes.schema import Runtime
+
+    want = getattr(torch, dtype)
+    gpu = Runtime(accelerator="gpu", devices=8, precision=precision, distributed_optimizer=True, data_parallel=8,
+                  world_size=8, grad_accumulation=1)
+    cfg = load_config(os.path.join(REPO, "conf", "tiny.yaml"), stage=1)
+    optim, _ = train.build_optim(cfg, gpu, max_steps=4)
+    assert optim.config.params_dtype == want
+    assert (optim.config.bf16, optim.config.fp16) == (dtype == "bfloat16", dtype == "float16")
+    if precision != "32":
+        plugin = train.precision_plugin(cfg, gpu)
+        assert plugin.dtype_config.params_dtype == plugin.dtype_config.pipeline_dtype == want
+    config = M.build_model_config(cfg, gpu)
+    assert config.pipeline_dtype == config.language_transformer_config.pipeline_dtype == want
+
+
+@pytest.mark.gpu_path
 @pytest.mark.parametrize("override, key", [("trainer.fp8=hybrid", "trainer.fp8"),
                                            ("parallel.sequence_parallel=true", "parallel.sequence_parallel")])
 def test_cuda_without_te_refuses_what_needs_te(override, key):
