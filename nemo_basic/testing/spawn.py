@@ -18,8 +18,35 @@ import torch
 import torch.multiprocessing as mp
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux: ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A free port for a rendezvous (MASTER_PORT) that a process binds a while after this returns.
+
+    Drawn below the kernel's ephemeral range: a port the kernel picks (``bind(0)``) lies in that
+    range, where other jobs' outgoing connections (gloo pairs, TCPStore clients) are also given
+    ports, and one of them can take it before the rendezvous binds it (EADDRINUSE, seen in CI with
+    two recipe runs at once). Drawn with os.urandom, so forked processes do not draw alike."""
+    import random
+
+    low = _ephemeral_low()
+    draw = random.SystemRandom()
+    for _ in range(200):
+        port = draw.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # nothing free down there: any port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
