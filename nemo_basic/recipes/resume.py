@@ -6,9 +6,9 @@ with ``weights/`` written by ``torch.distributed.checkpoint``) and a ``…-last`
 its own index, cheaply and without importing Megatron:
 
 * ``weights/metadata.json`` parses, ``weights/common.pt`` is a whole zip archive;
-* ``weights/.metadata`` (the pickled ``torch.distributed.checkpoint`` ``Metadata``) is read with an
-  unpickler that builds inert stand-ins instead of importing anything, and every storage entry it
-  lists (``relative_path``, ``offset``, ``length``) must lie inside a file that is there.
+* ``weights/.metadata`` (the pickled ``torch.distributed.checkpoint`` ``Metadata``) is read into
+  torch's own classes, Megatron's subclasses as plain field holders, and every storage entry it lists
+  (``relative_path``, ``offset``, ``length``) must lie inside a file that is there.
 
 `choose` returns the newest checkpoint that passes, and the reason for each one it passed over.
 `set_aside` moves the ones that would get in the way of the resumed run (broken, unfinished, or newer
@@ -31,48 +31,29 @@ UNFINISHED = "-unfinished"
 _STEP = re.compile(r"(?:^|-)step=(\d+)")
 
 
-# -- reading .metadata without importing anything -------------------------------------------------------------
-class _Inert:
-    """Stand-in for any class or function a pickle names: takes any arguments and any state."""
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj.__dict__["_args"] = args
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
-            for part in state:
-                if isinstance(part, dict):
-                    self.__dict__.update(part)
-        elif isinstance(state, dict):
-            self.__dict__.update(state)
-
-    def __call__(self, *args, **kwargs):  # a function named by the pickle (a reduce callable)
-        return _Inert(*args)
-
-
+# -- reading .metadata without importing Megatron -------------------------------------------------------------
 _SAFE = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes",
-                                    "bool", "complex", "slice", "range", "object", "bytearray")}
+                                    "bool", "complex", "slice", "object", "bytearray")}
 _SAFE |= {("collections", "OrderedDict"), ("collections", "defaultdict"), ("copyreg", "_reconstructor")}
 
 
-class _InertUnpickler(pickle.Unpickler):
+class _IndexUnpickler(pickle.Unpickler):
+    """torch's own classes (``torch.distributed.checkpoint``'s metadata, dtypes, sizes); any other class,
+    such as Megatron's ``MCoreMetadata`` / ``MCoreSavePlan`` (dataclasses over torch's) or a path, becomes a
+    plain holder of its fields (pickle sets them), so that checking an index neither imports Megatron (6.6 s, and missing on a
+    login node) nor calls anything the pickle names outside torch."""
+
     def find_class(self, module, name):
-        if (module, name) in _SAFE:
+        if (module, name) in _SAFE or module in ("torch", "torch.serialization") \
+                or module.startswith("torch.distributed.checkpoint."):
             return super().find_class(module, name)
-        if module == "copyreg" and name == "__newobj__":
-            return lambda cls, *args: cls.__new__(cls, *args)
-        return type(name, (_Inert,), {"__module__": "inert." + module})
+        return type(name, (), {"__init__": lambda self, *args, **kwargs: None, "__module__": "unread." + module})
 
 
 def _storage_extents(metadata_file: str) -> Dict[str, int]:
     """{relative file name: bytes the index says it holds} from a ``.metadata`` file."""
     with open(metadata_file, "rb") as f:
-        md = _InertUnpickler(f).load()
+        md = _IndexUnpickler(f).load()
     storage = getattr(md, "storage_data", None)
     if not isinstance(storage, dict) or not storage:
         raise ValueError("it lists no storage entries")
