@@ -2,62 +2,39 @@
 tiny model's synthetic stream."""
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from typing import List, Optional
 
-from nemo_basic.console import say
 from nemo_basic.recipes.schema import EMBEDDED_SCHEME, RecipeConfig, Runtime, bad_value
 
 EMBEDDED_SPLITS = {"stage1": ("captions.json", "plain"), "stage2": ("instruct.json", "vicuna_v1")}
-EMBEDDED_DATA_VERSION = 1
-
-
-def embedded_data_root(cfg: RecipeConfig) -> str:
-    from nemo_basic.pretrained.cache import cache_root
-
-    return str(cache_root() / f"embedded-data-v{EMBEDDED_DATA_VERSION}-n{cfg.data.embedded_num_synthetic}")
+EMBEDDED_DATA_VERSION = 2  # 2: cache entries of nemo_basic.pretrained.cache
 
 
 def prepare_embedded(cfg: RecipeConfig, split: str) -> str:
-    """The shard folder of ``embedded://<split>``: generated (images + LLaVA JSON) and converted
-    with the real converter on first use, under the cache root; reused afterwards."""
-    from nemo_basic.pretrained.cache import _locked
+    """The shard folder of ``embedded://<split>``: the generated images and LLaVA JSON, then their
+    shards by the real converter, each made once in the cache (`nemo_basic.pretrained.cache.cached_entry`:
+    built aside and renamed when complete, checked against its manifest, rebuilt when damaged)."""
+    from nemo_basic.data.embedded import make_embedded_data
+    from nemo_basic.data.shards import prepare_llava_data
+    from nemo_basic.pretrained.cache import cached_entry
 
-    root = embedded_data_root(cfg)
-    shards = os.path.join(root, "shards", split)
-    done = os.path.join(shards, ".nemo_basic_done")
-    if os.path.isfile(done):
-        return shards
-    os.makedirs(root, exist_ok=True)
-    with _locked(_lock_path(root), "the embedded data set"):
-        if os.path.isfile(done):
-            return shards
-        from nemo_basic.data.embedded import make_embedded_data
-        from nemo_basic.data.shards import prepare_llava_data
+    n = cfg.data.embedded_num_synthetic
+    header = {"data_version": EMBEDDED_DATA_VERSION, "num_synthetic": n}
+    json_name, template = EMBEDDED_SPLITS[split]
 
-        t0 = time.time()
-        raw = os.path.join(root, "raw")
-        if not os.path.isfile(os.path.join(raw, ".nemo_basic_done")):
-            say(f"generating the embedded data set in {raw} (one-time)")
-            make_embedded_data(raw, seed=0, num_synthetic=cfg.data.embedded_num_synthetic, progress=False)
-            open(os.path.join(raw, ".nemo_basic_done"), "w").close()
-        json_name, template = EMBEDDED_SPLITS[split]
-        say(f"converting {json_name} to shards in {shards} (one-time)")
-        summary = prepare_llava_data(os.path.join(raw, json_name), os.path.join(raw, "images"), shards,
-                                     template=template, overwrite=True, progress=False, workers=2)
-        with open(done, "w") as f:
-            json.dump({"records": getattr(summary, "written", None)}, f, default=str)
-        say(f"embedded {split} data ready in {time.time() - t0:.1f} s")
-    return shards
+    def generate(out) -> dict:
+        made = make_embedded_data(str(out), seed=0, num_synthetic=n, progress=False)
+        return {k: v for k, v in made.items() if k != "out_dir"}  # the counts, for the manifest
 
+    def convert(out) -> dict:
+        raw = cached_entry(f"embedded-data-n{n}", header, generate)
+        done = prepare_llava_data(str(raw / json_name), str(raw / "images"), str(out), template=template,
+                                  overwrite=True, progress=False, workers=2)
+        return {"records": done.written}
 
-def _lock_path(root: str):
-    from pathlib import Path
-
-    return Path(os.path.dirname(root)) / f".{os.path.basename(root)}.lock"
+    return str(cached_entry(f"embedded-data-n{n}-{split}", header, convert))
 
 
 def _data_path(cfg: RecipeConfig, p: str, prepare: bool) -> str:
