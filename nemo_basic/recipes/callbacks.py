@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Dict
 
+import lightning.pytorch as pl
+
 from nemo_basic.console import say
 from nemo_basic.recipes.records import METRICS_FILE, RECORDS_DIR
 
@@ -71,13 +73,7 @@ def _scalar(v):
     return float(v.detach().float().cpu()) if torch.is_tensor(v) else float(v)
 
 
-def _base():
-    import lightning.pytorch as pl
-
-    return pl.Callback
-
-
-class RecipeProgress(_base()):
+class RecipeProgress(pl.Callback):
     """Step time, samples/s and tokens/s (logged to TensorBoard), a console line and a line in
     ``<run_dir>/recipe/metrics.jsonl`` per logged step; makes sure every job ends with a checkpoint.
 
@@ -192,7 +188,7 @@ def save_now(trainer) -> None:
         io.maybe_finalize_save_checkpoint(blocking=True)
 
 
-class Preemption(_base()):
+class Preemption(pl.Callback):
     """SIGTERM / SIGUSR1 (Slurm's preemption, ``scancel``, a time limit with ``--signal``): finish the
     step, save a checkpoint, stop; `nemo_basic.recipes.train.run` then exits non-zero so that the job
     is requeued (NeMo-Run and sbatch wrappers requeue on a non-zero exit). SIGINT (Ctrl-C) keeps
@@ -282,7 +278,7 @@ class Preemption(_base()):
                 f"now; {where}")
 
 
-class StopAfterSteps(_base()):
+class StopAfterSteps(pl.Callback):
     """Stop after ``steps`` steps of this job; the last checkpoint is written at the end and the next
     launch resumes from it. For Slurm job chains with a time limit (and for the resume tests)."""
 

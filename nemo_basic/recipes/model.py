@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Any, Optional
 
 from nemo_basic.models import feature_layer
@@ -25,14 +24,6 @@ from nemo_basic.recipes.schema import EMBEDDED_SCHEME, RecipeConfig, RecipeConfi
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm", "nemo_basic.pretrained:smollm2_dir"),
     "dinov2-small": ("vision", "nemo_basic.pretrained:dinov2_small_dir"),
-}
-# what the embedded models are, for checks before the one-time conversion has run
-EMBEDDED_ARCH = {
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-                         tie_word_embeddings=True, hidden_act="silu"),
-    "dinov2-small": dict(presets.VISION_PRESETS["dinov2-small"]),
 }
 
 
@@ -109,12 +100,10 @@ def _arch_of(cfg: RecipeConfig, kind: str) -> dict:
     m = cfg.model
     path, preset = (m.llm_path, m.llm_arch) if kind == "llm" else (m.vision_path, m.vision_arch)
     key_path, key_preset = (f"model.{kind}_path", f"model.{kind}_arch")
-    if is_embedded(path):
-        name = embedded_name(path, key_path, kind)
-        arch = dict(EMBEDDED_ARCH[name])
+    if is_embedded(path):  # the preset of its name: the checks come before the one-time conversion
         if preset is not None:
             presets.resolve(kind, None, preset, key_path, key_preset)  # the name must exist
-        return arch
+        return presets.resolve(kind, None, embedded_name(path, key_path, kind), key_path, key_preset)
     return presets.resolve(kind, os.path.expanduser(path) if path else None, preset, key_path, key_preset)
 
 
@@ -267,24 +256,6 @@ def build_model_config(cfg: RecipeConfig, runtime: Runtime, llm_dir: Optional[st
         seq_length=m.seq_length, tensor_model_parallel_size=cfg.parallel.tensor,
         pipeline_model_parallel_size=cfg.parallel.pipeline, drop_vision_class_token=m.drop_vision_class_token)
     return _apply_common(config, cfg, runtime)
-
-
-def preset_dirs(cfg: RecipeConfig, root: Optional[str] = None) -> tuple[str, str]:
-    """Folders holding only the ``config.json`` of the LLM and the vision tower (from the checkpoint
-    folder or the preset), to build a configuration without the weights (checks, tests)."""
-    import json
-
-    root = root or tempfile.mkdtemp(prefix="nemo_basic_arch_")
-    out = []
-    for kind in ("llm", "vision"):
-        arch = _arch_of(cfg, kind)
-        d = os.path.join(root, kind)
-        os.makedirs(d, exist_ok=True)
-        arch = {k: v for k, v in arch.items() if k != "class_token"}
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(arch, f, indent=1)
-        out.append(d)
-    return out[0], out[1]
 
 
 def build_model(cfg: RecipeConfig, runtime: Runtime, optim, llm_dir: Optional[str] = None,

@@ -43,6 +43,11 @@ LLM_PRESETS = {
                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                      vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5,
                                      rope_theta=1000000.0, tie_word_embeddings=False, hidden_act="silu"),
+    # HuggingFaceTB/SmolLM2-135M-Instruct: the embedded LLM (nemo_basic.pretrained.smollm2_dir)
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True, hidden_act="silu"),
 }
 
 VISION_PRESETS = {

@@ -56,6 +56,10 @@ def test_smollm2_dir_is_a_plain_llama(converted):
                     pad_token_id=2)
     assert {k: cfg[k] for k in expected} == expected
     assert abs(cfg["rms_norm_eps"] - 1e-5) < 1e-9
+    from nemo_basic.recipes.presets import LLM_PRESETS  # what the recipe checks before this conversion runs
+
+    preset = {k: v for k, v in LLM_PRESETS["smollm2-135m"].items() if k != "rms_norm_eps"}  # eps: float32 in GGUF
+    assert {k: cfg[k] for k in preset} == preset
     assert type(model).__name__ == "LlamaForCausalLM" and getattr(model, "hf_quantizer", None) is None
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

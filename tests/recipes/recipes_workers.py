@@ -1,7 +1,9 @@
 """Rank functions for the recipe tests (spawned processes; Megatron's parallel state per process)."""
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 
 import torch
 
@@ -15,6 +17,18 @@ class _Tok:
 
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _config_dirs(arch, root: str):
+    """Folders holding only the config.json of the LLM and the vision tower (the architecture the
+    recipe's check read: the checkpoint's or the preset's), to build a configuration without weights."""
+    dirs = []
+    for kind, fields in (("llm", arch.llm), ("vision", arch.vision)):
+        os.makedirs(os.path.join(root, kind), exist_ok=True)
+        with open(os.path.join(root, kind, "config.json"), "w") as f:
+            json.dump({k: v for k, v in fields.items() if k != "class_token"}, f)
+        dirs.append(os.path.join(root, kind))
+    return dirs
 
 
 def _cpu_layer_weights() -> None:
@@ -51,7 +65,7 @@ def meta_build(rank: int, world: int, configs: list) -> list:
         gpu = cfg.trainer.accelerator == "gpu"  # check a GPU config for the GPUs it is written for
         runtime = resolve_runtime(cfg, cuda=gpu, gpus_per_node=8 if gpu else 0)
         arch = M.check_model(cfg)
-        llm_dir, vision_dir = M.preset_dirs(cfg)
+        llm_dir, vision_dir = _config_dirs(arch, tempfile.mkdtemp(prefix="nemo_basic_arch_"))
         config = M.build_model_config(cfg, runtime, llm_dir, vision_dir, load_vision_weights=False)
         lm = config.language_transformer_config
         info = dict(path=path, tp=config.tensor_model_parallel_size, pp=config.pipeline_model_parallel_size,
