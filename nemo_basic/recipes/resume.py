@@ -33,15 +33,15 @@ _STEP = re.compile(r"(?:^|-)step=(\d+)")
 
 # -- reading .metadata without importing Megatron -------------------------------------------------------------
 _SAFE = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes",
-                                    "bool", "complex", "slice", "object", "bytearray")}
+                                    "bool", "complex", "slice", "range", "object", "bytearray")}
 _SAFE |= {("collections", "OrderedDict"), ("collections", "defaultdict"), ("copyreg", "_reconstructor")}
 
 
 class _IndexUnpickler(pickle.Unpickler):
     """torch's own classes (``torch.distributed.checkpoint``'s metadata, dtypes, sizes); any other class,
-    such as Megatron's ``MCoreMetadata`` / ``MCoreSavePlan`` (dataclasses over torch's) or a path, becomes a
-    plain holder of its fields (pickle sets them), so that checking an index neither imports Megatron (6.6 s, and missing on a
-    login node) nor calls anything the pickle names outside torch."""
+    such as Megatron's ``MCoreMetadata`` / ``MCoreSavePlan`` (dataclasses over torch's) or a path,
+    becomes a plain holder of the fields pickle sets, so that checking an index neither imports
+    Megatron (6.6 s, and missing on a login node) nor calls anything the pickle names outside torch."""
 
     def find_class(self, module, name):
         if (module, name) in _SAFE or module in ("torch", "torch.serialization") \
