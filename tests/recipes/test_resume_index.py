@@ -33,7 +33,7 @@ def _checkpoint(root) -> str:
     return ckpt
 
 
-def _as_megatron(weights: str) -> None:
+def _as_megatron(weights: str, monkeypatch) -> None:
     """Rewrite .metadata as Megatron writes it: its own dataclass over torch's Metadata, from a module
     that is gone when the index is read (as on a login node without Megatron)."""
     path = os.path.join(weights, ".metadata")
@@ -45,12 +45,10 @@ def _as_megatron(weights: str) -> None:
                                      bases=(Metadata,))
     cls.__module__ = MEGATRON
     mods[MEGATRON].MCoreMetadata = cls
-    sys.modules.update(mods)
-    try:
+    with monkeypatch.context() as m:  # the real Megatron, if this process imported it, comes back after
+        for name, module in mods.items():
+            m.setitem(sys.modules, name, module)
         data = pickle.dumps(cls(**vars(md), mcore_data={"singleton_local_shards": False}))
-    finally:
-        for name in mods:
-            sys.modules.pop(name)
     assert MEGATRON.encode() in data
     with open(path, "wb") as f:
         f.write(data)
@@ -59,7 +57,7 @@ def _as_megatron(weights: str) -> None:
 def test_a_megatron_index_is_read_without_megatron(tmp_path, monkeypatch):
     ckpt = _checkpoint(tmp_path)
     weights = os.path.join(ckpt, "weights")
-    _as_megatron(weights)
+    _as_megatron(weights, monkeypatch)
     names = MEGATRON.split(".")
     for name in {m for m in sys.modules if m.split(".")[0] == "megatron"} | {".".join(names[:i]) for i in range(1, 5)}:
         monkeypatch.setitem(sys.modules, name, None)  # any import of Megatron now fails, loaded before or not
