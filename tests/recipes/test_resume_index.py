@@ -71,19 +71,20 @@ def test_a_megatron_index_is_read_without_megatron(tmp_path, monkeypatch):
     assert resume.problem(ckpt) == "weights/__0_0.distcp is missing (listed in weights/.metadata)"
 
 
-class _Runs:
-    def __init__(self, marker: str):
-        self.marker = marker
+class _Calls:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
 
     def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+        return self.fn, self.args
 
 
-def test_an_index_never_calls_what_it_names_outside_torch(tmp_path):
+def test_an_index_never_calls_what_it_names(tmp_path):
+    """Neither a function outside torch (os.system) nor one of torch's own (torch.save) runs."""
     ckpt = _checkpoint(tmp_path)
-    marker = tmp_path / "called"
+    ran, saved = tmp_path / "ran", tmp_path / "saved.pt"
     with open(os.path.join(ckpt, "weights", ".metadata"), "wb") as f:
-        pickle.dump({"storage_data": _Runs(str(marker))}, f)
+        pickle.dump({"a": _Calls(os.system, f"touch {ran}"), "b": _Calls(torch.save, 1, str(saved))}, f)
     assert resume.problem(ckpt) == ("weights/.metadata is truncated or damaged (ValueError: it lists no storage "
                                     "entries)")
-    assert not marker.exists()
+    assert not ran.exists() and not saved.exists()
